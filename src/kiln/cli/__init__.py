@@ -1,0 +1,1 @@
+"""The ``kiln`` command line: one module per verb, each thin over the library."""

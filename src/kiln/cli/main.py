@@ -1,0 +1,81 @@
+"""``kiln``: the console entry point. Verbs import torch lazily, so ``--help`` stays fast."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from kiln import __version__
+
+app = typer.Typer(
+    name="kiln",
+    help="Advanced PyTorch techniques that work together, on your own model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+Debug = Annotated[bool, typer.Option("--debug", help="show tracebacks")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"kiln {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version")
+    ] = False,
+) -> None:
+    """Kiln command line."""
+
+
+@app.command()
+def train(
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(help="CONFIG.yaml then key.sub=value overrides", show_default=False),
+    ] = None,
+    print_config: Annotated[
+        bool, typer.Option("--print-config", help="print the resolved config and exit")
+    ] = False,
+    debug: Debug = False,
+) -> None:
+    """Train a model from a YAML config plus key.sub=value overrides."""
+    from kiln.cli.errors import run_cli
+    from kiln.cli.train import run_train
+
+    run_cli(lambda: run_train(args or [], print_config=print_config), debug=debug)
+
+
+@app.command("eval")
+def eval_(
+    run: Annotated[str, typer.Argument(help="run directory (or its model.safetensors)")],
+    split: Annotated[str, typer.Option(help="test or val")] = "test",
+    checkpoint: Annotated[
+        str | None, typer.Option(help="evaluate this checkpoint (or 'last'/'best') instead")
+    ] = None,
+    debug: Debug = False,
+) -> None:
+    """Metrics of a trained run on its held-out split, with a confusion matrix."""
+    from kiln.cli.errors import run_cli
+    from kiln.cli.eval import run_eval
+
+    run_cli(lambda: run_eval(run, split=split, checkpoint=checkpoint), debug=debug)
+
+
+@app.command()
+def env() -> None:
+    """Versions, threads and devices: what a bug report needs."""
+    from kiln.cli.env import print_env
+
+    print_env()
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,31 @@
+"""``kiln train CONFIG [key.sub=value ...]``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def split_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """First argument is the config file unless it is an override (contains '=')."""
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
+def run_train(args: list[str], *, print_config: bool = False) -> None:
+    from kiln.config import dump_config, load_config
+
+    path, overrides = split_args(args)
+    cfg = load_config(Path(path) if path else None, overrides)
+    if print_config:
+        print(dump_config(cfg), end="")
+        return
+    from kiln.train.trainer import Trainer
+
+    result = Trainer(cfg).fit()
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in result.test.items())
+    if "acc" in result.test:
+        print(f"test accuracy: {result.test['acc'] * 100:.2f}%")
+    if shown:
+        print(f"test metrics: {shown}")
+    print(f"run directory: {result.run_dir}")

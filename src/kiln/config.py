@@ -1,0 +1,431 @@
+"""Typed configuration: the single source of defaults for every Kiln job.
+
+A job is one YAML file (see ``configs/``) plus ``key.sub=value`` overrides from the command line.
+Both are validated by the pydantic models below; unknown keys and wrong types are refused with the
+dotted path, the bad value, the allowed values and a close-match suggestion, so a typo never
+silently falls back to a default.
+
+This module imports no torch, so ``kiln --help`` and ``--print-config`` stay fast.
+
+Example:
+    >>> cfg = load_config(None, ["optim.lr=0.01", "train.epochs=3"])
+    >>> cfg.optim.lr, cfg.train.epochs
+    (0.01, 3)
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "LogConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "SchedulerConfig",
+    "SyntheticConfig",
+    "TextConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "dump_config",
+    "load_config",
+    "suggest",
+]
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message says which, why and how to fix it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class SyntheticConfig(_Strict):
+    """Generated data (``data.name=synthetic``), made with scikit-learn's generators."""
+
+    task: Literal["classification", "regression"] = "classification"
+    n_samples: int = Field(1000, ge=10)
+    n_features: int = Field(20, ge=1)
+    n_classes: int = Field(2, ge=2)
+    n_informative: int = Field(10, ge=1)
+    noise: float = Field(0.1, ge=0.0)
+
+
+class TextConfig(_Strict):
+    """Character-level language-model data (``data.name=text``, ``data.path=corpus.txt``)."""
+
+    block_size: int = Field(64, ge=2)
+    stride: int | None = Field(None, ge=1, description="window step; default = block_size")
+
+
+class DataConfig(_Strict):
+    """Where examples come from and how they are split and batched.
+
+    ``name`` is one of ``digits``, ``sklearn:<dataset>`` (e.g. ``sklearn:wine``), ``csv``,
+    ``images`` (a folder with one subfolder per class), ``synthetic`` or ``text``.
+    """
+
+    name: str = "digits"
+    path: str | None = None
+    target: str | None = Field(None, description="CSV: name of the label/target column")
+    task: Literal["auto", "classification", "regression"] = "auto"
+    layout: Literal["auto", "flat", "image"] = Field(
+        "auto", description="digits: flat 8x8=64 features (MLP) or 1x32x32 images (CNN)"
+    )
+    image_size: int = Field(32, ge=4)
+    standardize: bool = True
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    num_workers: int = Field(0, ge=0)
+    persistent_workers: bool = False
+    pin_memory: Literal["auto"] | bool = "auto"
+    drop_last: bool = False
+    synthetic: SyntheticConfig = SyntheticConfig()
+    text: TextConfig = TextConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        known = ["digits", "csv", "images", "synthetic", "text"]
+        if v in known or v.startswith("sklearn:"):
+            return v
+        raise ValueError(
+            f"unknown data source {v!r}; allowed: {', '.join(known)}, sklearn:<name>"
+            + _did_you_mean(v, [*known, "sklearn:"])
+        )
+
+    @model_validator(mode="after")
+    def _fractions(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"val_fraction + test_fraction must be < 1 (got {self.val_fraction} + "
+                f"{self.test_fraction}); lower one of them to leave examples for training"
+            )
+        if self.name in ("csv", "images", "text") and not self.path:
+            raise ValueError(f"data.name={self.name} needs data.path=<file or folder>")
+        if self.name == "csv" and not self.target:
+            raise ValueError("data.name=csv needs data.target=<label column name>")
+        return self
+
+
+class ModelConfig(_Strict):
+    """Which network to build: a registry name or a user class by import path.
+
+    ``kwargs`` go to the model's constructor and are checked against its signature when the
+    model is built (``model.kwargs.width=128``).
+    """
+
+    name: str = "mlp"
+    target: str | None = Field(None, description="'pkg.module:Class' of a user nn.Module")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("target")
+    @classmethod
+    def _import_path(cls, v: str | None) -> str | None:
+        if v is not None and ":" not in v:
+            raise ValueError(f"model.target must look like 'package.module:ClassName', got {v!r}")
+        return v
+
+
+class OptimConfig(_Strict):
+    """Optimizer and its parameter groups."""
+
+    name: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+    no_decay_bias_norm: bool = Field(
+        True, description="weight decay off for biases and normalisation weights"
+    )
+    lr_mult: dict[str, float] = Field(
+        default_factory=dict,
+        description="parameter-name glob -> LR multiplier, e.g. {'backbone.*': 0.1}",
+    )
+
+
+class SchedulerConfig(_Strict):
+    """Learning-rate schedule.
+
+    ``cosine``, ``warmup_cosine``, ``linear`` and ``onecycle`` are stepped once per optimizer
+    update; ``step``, ``multistep`` and ``exponential`` once per epoch (their step sizes and
+    milestones are epochs); ``plateau`` once per epoch on the monitored validation metric.
+    """
+
+    name: Literal[
+        "none",
+        "step",
+        "multistep",
+        "exponential",
+        "cosine",
+        "warmup_cosine",
+        "linear",
+        "onecycle",
+        "plateau",
+    ] = "none"
+    step_size: int = Field(10, ge=1)
+    milestones: list[int] = Field(default_factory=lambda: [30, 60])
+    gamma: float = Field(0.1, gt=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    warmup_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    min_lr: float = Field(0.0, ge=0.0)
+    max_lr: float | None = Field(None, gt=0.0)
+    pct_start: float = Field(0.3, gt=0.0, lt=1.0)
+    patience: int = Field(5, ge=0)
+    factor: float = Field(0.1, gt=0.0, lt=1.0)
+
+
+class LossConfig(_Strict):
+    """Training loss; ``auto`` = cross-entropy for classification/LM, MSE for regression."""
+
+    name: Literal["auto", "cross_entropy", "mse", "l1", "smooth_l1"] = "auto"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class TrainConfig(_Strict):
+    """The loop: length, accumulation, clipping, logging cadence."""
+
+    epochs: int = Field(10, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many updates")
+    accumulate: int = Field(1, ge=1, description="micro-batches per optimizer update")
+    clip_norm: float | None = Field(None, gt=0.0)
+    clip_value: float | None = Field(None, gt=0.0)
+    log_every: int = Field(50, ge=1, description="updates between logged train metrics")
+    val_every: int = Field(1, ge=1, description="epochs between validations")
+    top_k: int = Field(5, ge=1, description="k for the top-k accuracy metric")
+
+
+class CheckpointConfig(_Strict):
+    """When to save full-state checkpoints and which to keep."""
+
+    every_n_steps: int | None = Field(None, ge=1)
+    every_epoch: bool = True
+    keep_last: int = Field(2, ge=1)
+    keep_best: int = Field(1, ge=0)
+    monitor: str = "val/loss"
+    mode: Literal["auto", "min", "max"] = "auto"
+
+
+class LogConfig(_Strict):
+    """Where and how progress is reported."""
+
+    progress: Literal["auto"] | bool = "auto"
+    tensorboard: bool = True
+
+
+class Config(_Strict):
+    """A whole Kiln job. Every field has a default; a YAML file overrides some of them."""
+
+    name: str = "run"
+    out_dir: str = "runs"
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    allow_fp16_cpu: bool = Field(False, description="run fp16 autocast on CPU (about 100x slower)")
+    compile: bool = False
+    channels_last: bool = False
+    strategy: Literal["auto", "single"] = "auto"
+    resume: str | None = None
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        base = v.split(":")[0]
+        if base not in ("auto", "cpu", "cuda", "mps", "xpu"):
+            raise ValueError(f"unknown device {v!r}; allowed: auto, cpu, cuda, cuda:N, mps, xpu")
+        return v
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    hit = suggest(word, choices)
+    return f"; did you mean {hit!r}?" if hit else ""
+
+
+def suggest(word: str, choices: list[str]) -> str | None:
+    """Closest match to ``word`` among ``choices`` (or None), for "did you mean" hints."""
+    # "lr_rate" -> "lr", "batch" -> "batch_size": a choice that starts the word or vice versa.
+    lowered = word.lower()
+    prefixed = [
+        c for c in choices if len(c) >= 2 and (lowered.startswith(c) or c.startswith(lowered))
+    ]
+    if prefixed:
+        return max(prefixed, key=len)
+    hits = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    return hits[0] if hits else None
+
+
+def _field_names(model: type[BaseModel], path: tuple[str | int, ...]) -> list[str]:
+    """Field names valid at ``path`` (a tuple of keys) inside ``model``."""
+    current: Any = model
+    for key in path:
+        fields = getattr(current, "model_fields", None)
+        if fields is None or key not in fields:
+            return []
+        current = fields[key].annotation
+    fields = getattr(current, "model_fields", None)
+    return list(fields) if fields else []
+
+
+def _allowed(model: type[BaseModel], path: tuple[str | int, ...]) -> str:
+    """A short 'allowed: ...' text for the field at ``path`` when it has a closed set of values."""
+    current: Any = model
+    field = None
+    for key in path:
+        fields = getattr(current, "model_fields", None)
+        if fields is None or key not in fields:
+            return ""
+        field = fields[key]
+        current = field.annotation
+    if field is None:
+        return ""
+    args = getattr(field.annotation, "__args__", None)
+    if getattr(field.annotation, "__origin__", None) is Literal and args:
+        return "allowed: " + ", ".join(str(a) for a in args)
+    return ""
+
+
+def _format_error(exc: ValidationError, root: type[BaseModel] = Config) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
+        path = ".".join(str(p) for p in loc) or "<root>"
+        if err["type"] == "extra_forbidden":
+            parent, key = loc[:-1], str(loc[-1])
+            names = _field_names(root, parent)
+            full = [".".join([*map(str, parent), n]) for n in names]
+            hint = suggest(key, names)
+            msg = f"unknown key {path!r}"
+            if hint:
+                msg += f"; did you mean {'.'.join([*map(str, parent), hint])!r}?"
+            elif full:
+                msg += f"; allowed here: {', '.join(full)}"
+            lines.append(msg)
+            continue
+        value = err.get("input")
+        shown = repr(value) if not isinstance(value, dict) else "{...}"
+        why = err["msg"].removeprefix("Value error, ")
+        allowed = _allowed(root, loc)
+        text = f"{path}: {why} (got {shown})"
+        if allowed and allowed not in text:
+            text += f"; {allowed}"
+            hint = suggest(str(value), [a.strip() for a in allowed[9:].split(",")])
+            if hint:
+                text += f"; did you mean {hint!r}?"
+        lines.append(text)
+    return "invalid config: " + "; ".join(lines) if len(lines) == 1 else "invalid config:\n  " + (
+        "\n  ".join(lines)
+    )
+
+
+def _parse_value(text: str) -> Any:
+    """Coerce an override's text with YAML rules: 3 -> int, 1e-3 -> float, true -> bool, [1,2]."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=c`` overrides to a nested dict (a copy); values are parsed as YAML scalars.
+
+    Raises:
+        ConfigError: an override is not of the form ``key=value``.
+    """
+    out = _deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(
+                f"override {item!r} is not of the form key=value (e.g. optim.lr=0.01)"
+            )
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override key {key!r} has an empty part")
+        node = out
+        for p in parts[:-1]:
+            child = node.get(p)
+            if not isinstance(child, dict):
+                child = {}
+                node[p] = child
+            node = child
+        node[parts[-1]] = _parse_value(text)
+    return out
+
+
+def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, turning every failure into one clear ConfigError."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file not found: {p}")
+    if p.is_dir():
+        raise ConfigError(f"config path is a directory, expected a YAML file: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"bad YAML in {p}{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Build a validated :class:`Config` from a YAML file (or defaults) and dotted overrides.
+
+    Example:
+        >>> load_config(None, ["precision=bf16"]).precision
+        'bf16'
+
+    Raises:
+        ConfigError: with every problem found, each naming the dotted key.
+    """
+    raw = read_yaml(path) if path is not None else {}
+    raw = apply_overrides(raw, overrides or [])
+    return validate(raw)
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    """Validate a nested dict into a :class:`Config`, with Kiln's error messages."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML, every default written out."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

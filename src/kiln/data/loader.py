@@ -1,0 +1,140 @@
+"""Loaders whose order is a pure function of (seed, epoch), so a run can resume mid-epoch exactly.
+
+:class:`EpochSampler` draws epoch ``e``'s permutation from a generator seeded with ``(seed, e)``
+and can start ``start`` samples into it: resuming after ``b`` batches replays exactly the batches
+an uninterrupted run would have seen next, without reading the skipped ones.
+
+In-memory datasets (:class:`~kiln.data.base.ArrayDataset`, also inside ``Subset``) gather a whole
+batch with one index op; the loader passes such batches through instead of collating sample by
+sample.
+
+Example:
+    >>> import torch
+    >>> from kiln.data.base import ArrayDataset
+    >>> ds = ArrayDataset(torch.arange(10.0).unsqueeze(1), torch.arange(10))
+    >>> loader = make_loader(ds, batch_size=4, shuffle=True, seed=0)
+    >>> loader.sampler.set_epoch(0)
+    >>> [len(y) for _, y in loader]
+    [4, 4, 2]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from kiln.data.base import is_batched
+from kiln.train.reproducibility import worker_init
+
+_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, epoch) pairs apart
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 63-bit seed for one epoch that differs for every (seed, epoch) pair."""
+    return (seed * _MIX + epoch * 0x632BE59BD9B4E019 + 1) % (2**63 - 1)
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffled (or in-order) indices fixed by ``(seed, epoch)``, optionally starting mid-epoch.
+
+    Args:
+        n: dataset length.
+        shuffle: permute each epoch (else 0..n-1).
+        seed: base seed of the permutations.
+    """
+
+    def __init__(self, n: int, *, shuffle: bool, seed: int = 0) -> None:
+        self.n = n
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch's order and skip its first ``start`` samples (for resume)."""
+        if not 0 <= start <= self.n:
+            raise ValueError(f"start must be in [0, {self.n}], got {start}")
+        self.epoch = epoch
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(epoch_seed(self.seed, self.epoch))
+            order = torch.randperm(self.n, generator=g)[self.start :].tolist()
+        else:
+            order = list(range(self.start, self.n))
+        return iter(order)
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+
+def _passthrough(batch: Any) -> Any:
+    return batch
+
+
+def batches_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
+    """Number of batches a loader over ``n`` samples yields."""
+    return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+
+def batch_sizes(n: int, batch_size: int, drop_last: bool) -> list[int]:
+    """The size of every batch of an epoch (the last may be smaller unless ``drop_last``)."""
+    full = n // batch_size
+    sizes = [batch_size] * full
+    if not drop_last and n % batch_size:
+        sizes.append(n % batch_size)
+    return sizes
+
+
+def make_loader(
+    dataset: Dataset[Any],
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    drop_last: bool = False,
+    num_workers: int = 0,
+    persistent_workers: bool = False,
+    pin_memory: bool = False,
+) -> DataLoader[Any]:
+    """A DataLoader over ``dataset`` with an :class:`EpochSampler`.
+
+    ``pin_memory`` should be True only when batches go to a CUDA device; ``persistent_workers``
+    applies only with workers. The loader's own generator (which seeds worker processes) is
+    reseeded per epoch by :func:`start_epoch`, so global RNG streams are never consumed by it.
+    """
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
+        raise ValueError("cannot build a loader over an empty dataset")
+    sampler = EpochSampler(n, shuffle=shuffle, seed=seed)
+    generator = torch.Generator()
+    generator.manual_seed(epoch_seed(seed, 0))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        persistent_workers=persistent_workers and num_workers > 0,
+        pin_memory=pin_memory,
+        collate_fn=_passthrough if is_batched(dataset) else None,
+        worker_init_fn=worker_init if num_workers > 0 else None,
+        generator=generator,
+    )
+
+
+def start_epoch(loader: DataLoader[Any], epoch: int, batches_done: int = 0) -> None:
+    """Point ``loader`` at ``epoch``, skipping ``batches_done`` batches already trained on."""
+    sampler = loader.sampler
+    if not isinstance(sampler, EpochSampler):
+        raise TypeError("start_epoch needs a loader built by kiln.data.make_loader")
+    bs = loader.batch_size or 1
+    sampler.set_epoch(epoch, start=min(batches_done * bs, sampler.n))
+    if loader.generator is not None:
+        loader.generator.manual_seed(epoch_seed(sampler.seed + 1, epoch))

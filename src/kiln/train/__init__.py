@@ -1,0 +1,1 @@
+"""Training parts: Engine (device, precision, accumulation), optimizers, checkpoints, Trainer."""

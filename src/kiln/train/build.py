@@ -1,0 +1,87 @@
+"""From a validated Config to live objects: data, loaders, model, run directory.
+
+Kept apart from the Trainer so ``kiln eval`` and the other verbs rebuild exactly what training
+used (same seeded split, same model) from a run directory's ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from kiln.config import Config, dump_config
+from kiln.data.base import DataBundle, DataInfo
+from kiln.data.loader import make_loader
+
+_IMAGE_MODELS = {"resnet"}
+
+
+def resolve_layout(cfg: Config) -> str:
+    """``data.layout=auto`` -> ``image`` for convolutional models, else ``flat``."""
+    if cfg.data.layout != "auto":
+        return cfg.data.layout
+    if cfg.model.target is None and cfg.model.name in _IMAGE_MODELS:
+        return "image"
+    return "flat"
+
+
+def build_data_for(cfg: Config) -> DataBundle:
+    """The data bundle a config describes (seeded split, train-only normalisation)."""
+    from kiln.data import build_data
+
+    return build_data(cfg.data, seed=cfg.seed, layout=resolve_layout(cfg))
+
+
+def build_model_for(cfg: Config, info: DataInfo) -> nn.Module:
+    """The model a config describes, sized from the data."""
+    from kiln.registry import build_model
+
+    return build_model(cfg.model, info)
+
+
+def loader_for(
+    cfg: Config, dataset: Dataset[Any], *, train: bool, device: torch.device
+) -> DataLoader[Any]:
+    """A train (shuffled, seeded) or eval (in order, no drop_last) loader for ``dataset``."""
+    d = cfg.data
+    pin = d.pin_memory if isinstance(d.pin_memory, bool) else device.type == "cuda"
+    return make_loader(
+        dataset,
+        batch_size=d.batch_size if train else (d.eval_batch_size or d.batch_size),
+        shuffle=train,
+        seed=cfg.seed,
+        drop_last=d.drop_last if train else False,
+        num_workers=d.num_workers,
+        persistent_workers=d.persistent_workers,
+        pin_memory=pin and device.type == "cuda",
+    )
+
+
+def new_run_dir(out_dir: str | Path, name: str) -> Path:
+    """``out_dir/name``, or ``name-1``, ``name-2``... when it exists: never overwrite a run."""
+    base = Path(out_dir)
+    candidate = base / name
+    i = 0
+    while candidate.exists() and any(candidate.iterdir()):
+        i += 1
+        candidate = base / f"{name}-{i}"
+    candidate.mkdir(parents=True, exist_ok=True)
+    return candidate
+
+
+def write_run_files(run_dir: Path, cfg: Config, info: DataInfo) -> None:
+    """The resolved config and the data description, for the other verbs."""
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    (run_dir / "data_info.json").write_text(json.dumps(asdict(info), indent=1))
+
+
+def read_data_info(run_dir: Path) -> DataInfo:
+    raw = json.loads((run_dir / "data_info.json").read_text())
+    raw["input_shape"] = tuple(raw["input_shape"])
+    return DataInfo(**raw)

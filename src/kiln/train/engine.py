@@ -1,0 +1,232 @@
+"""The Engine: device, precision, gradient accumulation and the optimizer update, for any loop.
+
+It is the part of the Trainer a user can take into their own loop. Nothing happens out of sight:
+the loop still reads forward, loss, backward, update, schedule, in order.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> engine = Engine(precision="bf16", accumulate=2, clip_norm=1.0, device="cpu")
+    >>> model, opt = engine.setup(nn.Linear(4, 2), None)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> batches = [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(3)]
+    >>> for i, (x, y) in enumerate(batches):
+    ...     with engine.micro_step(i, len(batches)) as update:  # no_sync unless updating
+    ...         with engine.autocast():
+    ...             loss = nn.functional.cross_entropy(model(x), y)
+    ...         engine.backward(loss)                          # scaled by 1/group size
+    ...     if update:
+    ...         grad_norm = engine.optimizer_step(opt)         # unscale, clip, step, zero_grad
+    >>> engine.updates
+    2
+
+Accumulation rules (DESIGN.md rule 4): micro-step ``i`` of ``n`` updates when ``(i + 1) % k == 0``
+or it is the last one; its loss is divided by the size of its group (a partial last group
+divides by fewer), or by the caller's ``weight`` (e.g. samples in this batch / samples in the
+group, which stays exact when the last batch is smaller).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from kiln.train.precision import Precision
+
+T = TypeVar("T")
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; an explicit device that is missing is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name} requested but no CUDA GPU is available; use device=auto")
+    return dev
+
+
+class Engine:
+    """Device placement, precision, accumulation, clipping and the optimizer update.
+
+    Args:
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (fp16 uses a GradScaler; refused on CPU unless
+            ``allow_fp16_cpu``).
+        accumulate: micro-batches per optimizer update.
+        clip_norm: clip the global grad norm to this value (after unscaling).
+        clip_value: clamp each grad element to ``[-clip_value, clip_value]`` (after unscaling).
+        compile: wrap the model in ``torch.compile``.
+        channels_last: use channels-last memory format for 4-D inputs and the model.
+        allow_fp16_cpu: see ``precision``.
+    """
+
+    def __init__(
+        self,
+        *,
+        device: str | torch.device = "auto",
+        precision: str = "fp32",
+        accumulate: int = 1,
+        clip_norm: float | None = None,
+        clip_value: float | None = None,
+        compile: bool = False,
+        channels_last: bool = False,
+        allow_fp16_cpu: bool = False,
+    ) -> None:
+        if accumulate < 1:
+            raise ValueError(f"accumulate must be >= 1 micro-batches per update, got {accumulate}")
+        for name, v in (("clip_norm", clip_norm), ("clip_value", clip_value)):
+            if v is not None and not v > 0:
+                raise ValueError(f"{name} must be > 0 (or None to disable), got {v}")
+        self.device = device if isinstance(device, torch.device) else select_device(device)
+        self.precision = Precision(precision, self.device, allow_fp16_cpu=allow_fp16_cpu)
+        self.accumulate = accumulate
+        self.clip_norm = clip_norm
+        self.clip_value = clip_value
+        self.compile = compile
+        self.channels_last = channels_last
+        self.updates = 0  # optimizer updates taken (skipped fp16 steps excluded)
+        self.skipped = 0  # updates the GradScaler skipped for non-finite grads
+        self.model: nn.Module | None = None  # the unwrapped model: what checkpoints save
+        self._wrapped: nn.Module | None = None
+        self._scale = 1.0
+        self._last_stepped = True
+        self._non_blocking = self.device.type == "cuda"
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+    ) -> tuple[nn.Module, torch.optim.Optimizer | None]:
+        """Move ``model`` to the device and wrap it (compile) in this one place.
+
+        Build the optimizer from the returned model's parameters when you pass None here.
+        Returns the model to call in the loop and the optimizer.
+        """
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        wrapped: nn.Module = model
+        if self.compile:
+            wrapped = torch.compile(model)  # type: ignore[assignment]
+        self._wrapped = wrapped
+        return wrapped, optimizer
+
+    def to_device(self, batch: T) -> T:
+        """Move a tensor or a (nested) tuple/list/dict of tensors to the device."""
+        return self._move(batch)  # type: ignore[no-any-return]
+
+    def _move(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            if self.channels_last and obj.dim() == 4 and obj.is_floating_point():
+                return obj.to(
+                    self.device, non_blocking=self._non_blocking, memory_format=torch.channels_last
+                )
+            return obj.to(self.device, non_blocking=self._non_blocking)
+        if isinstance(obj, (tuple, list)):
+            return type(obj)(self._move(o) for o in obj)
+        if isinstance(obj, dict):
+            return {k: self._move(v) for k, v in obj.items()}
+        return obj
+
+    # ------------------------------------------------------------------ the step
+
+    def is_update(self, i: int, n_batches: int | None) -> bool:
+        """Whether micro-step ``i`` (0-based, of ``n_batches``) ends an accumulation group."""
+        return (i + 1) % self.accumulate == 0 or (n_batches is not None and i == n_batches - 1)
+
+    def group_size(self, i: int, n_batches: int | None) -> int:
+        """Micro-batches in the accumulation group of micro-step ``i`` (smaller when partial)."""
+        start = (i // self.accumulate) * self.accumulate
+        if n_batches is None:
+            return self.accumulate
+        return min(self.accumulate, n_batches - start)
+
+    @contextlib.contextmanager
+    def micro_step(
+        self, i: int, n_batches: int | None, *, weight: float | None = None
+    ) -> Iterator[bool]:
+        """Context for one micro-batch; yields whether this micro-step updates the weights.
+
+        On non-update micro-steps of a model that has ``no_sync`` (DDP), gradient all-reduce is
+        skipped, so there is one all-reduce per update. ``weight`` replaces the default loss
+        factor ``1 / group_size``.
+        """
+        update = self.is_update(i, n_batches)
+        self._scale = weight if weight is not None else 1.0 / self.group_size(i, n_batches)
+        no_sync = getattr(self._wrapped, "no_sync", None)
+        if update or no_sync is None:
+            yield update
+        else:
+            with no_sync():
+                yield update
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Autocast for forward and loss (a no-op in fp32). Keep backward outside it."""
+        return self.precision.autocast()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of ``loss`` times this micro-step's accumulation factor (and loss scale)."""
+        if self._scale != 1.0:
+            loss = loss * self._scale
+        self.precision.backward(loss)
+
+    def optimizer_step(
+        self, optimizer: torch.optim.Optimizer, *, grad_norm: bool = False
+    ) -> torch.Tensor | None:
+        """Unscale, clip, step, update the scaler, and zero the grads (set to None).
+
+        Returns the total grad norm (a device tensor, no host sync) when clipping by norm or when
+        ``grad_norm`` is True, else None. ``self.updates`` counts updates taken.
+        """
+        norm: torch.Tensor | None = None
+        if self.clip_norm is not None or self.clip_value is not None or grad_norm:
+            self.precision.unscale_(optimizer)
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            if self.clip_value is not None:
+                torch.nn.utils.clip_grad_value_(params, self.clip_value, foreach=True)
+            if self.clip_norm is not None:
+                norm = torch.nn.utils.clip_grad_norm_(params, self.clip_norm, foreach=True)
+            elif grad_norm:
+                norm = torch.nn.utils.get_total_norm(
+                    [p.grad for p in params], foreach=True  # type: ignore[misc]
+                )
+        stepped = self.precision.step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        if stepped:
+            self.updates += 1
+        else:
+            self.skipped += 1
+        self._last_stepped = stepped
+        return norm
+
+    @property
+    def last_step_taken(self) -> bool:
+        """False when the fp16 GradScaler skipped the last update (non-finite grads)."""
+        return self._last_stepped
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "precision": self.precision.state_dict(),
+            "updates": self.updates,
+            "skipped": self.skipped,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.precision.load_state_dict(state["precision"])
+        self.updates = int(state["updates"])
+        self.skipped = int(state.get("skipped", 0))

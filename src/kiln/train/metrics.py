@@ -1,0 +1,93 @@
+"""Task metrics kept on the device (torchmetrics), read with ``.item()`` only when reported.
+
+Classification: accuracy, top-k accuracy, macro-F1. Regression: MSE, MAE. Language modelling:
+perplexity = exp(mean token cross-entropy), computed from the summed loss (exact, no extra pass).
+
+Example:
+    >>> import torch
+    >>> m = TaskMetrics("classification", num_classes=3, device=torch.device("cpu"))
+    >>> m.update(torch.tensor([[2.0, 0, 0], [0, 3.0, 0]]), torch.tensor([0, 2]),
+    ...          loss_sum=torch.tensor(1.0), count=2)
+    >>> m.compute()["acc"]
+    0.5
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torchmetrics
+from torchmetrics import classification as tmc
+from torchmetrics import regression as tmr
+
+
+class TaskMetrics:
+    """Loss + task metrics accumulated over an evaluation pass.
+
+    Args:
+        task: ``classification``, ``regression`` or ``lm``.
+        num_classes: classes (classification).
+        device: where the metric state lives (the model's device: no host sync per batch).
+        top_k: k of the top-k accuracy (reported when num_classes > k).
+    """
+
+    def __init__(
+        self, task: str, *, num_classes: int | None = None, device: torch.device, top_k: int = 5
+    ) -> None:
+        self.task = task
+        metrics: dict[str, torchmetrics.Metric] = {}
+        if task == "classification":
+            if not num_classes:
+                raise ValueError("classification metrics need num_classes")
+            metrics["acc"] = tmc.MulticlassAccuracy(num_classes, average="micro")
+            metrics["f1_macro"] = tmc.MulticlassF1Score(num_classes, average="macro")
+            if num_classes > top_k:
+                metrics[f"top{top_k}_acc"] = tmc.MulticlassAccuracy(
+                    num_classes, top_k=top_k, average="micro"
+                )
+        elif task == "regression":
+            metrics["mse"] = tmr.MeanSquaredError()
+            metrics["mae"] = tmr.MeanAbsoluteError()
+        elif task != "lm":
+            raise ValueError(f"unknown task {task!r}; allowed: classification, regression, lm")
+        self.metrics = torchmetrics.MetricCollection(metrics).to(device) if metrics else None
+        self.device = device
+        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.count = 0
+
+    def update(
+        self, output: torch.Tensor, target: torch.Tensor, *, loss_sum: torch.Tensor, count: int
+    ) -> None:
+        """Add a batch: model output, targets, the batch's summed loss and its element count."""
+        self.loss_sum += loss_sum.detach().to(torch.float64)
+        self.count += count
+        if self.metrics is not None:
+            out = output.detach().float()
+            if self.task == "regression" and out.shape != target.shape:
+                out = out.reshape(target.shape)
+            self.metrics.update(out, target)
+
+    def compute(self) -> dict[str, float]:
+        """All metrics as floats (one host sync)."""
+        loss = (self.loss_sum / max(self.count, 1)).item()
+        out = {"loss": loss}
+        if self.task == "lm":
+            out["perplexity"] = math.exp(min(loss, 700.0))
+        if self.metrics is not None:
+            out.update({k: float(v) for k, v in self.metrics.compute().items()})
+        return out
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.count = 0
+        if self.metrics is not None:
+            self.metrics.reset()
+
+
+def confusion_matrix(
+    preds: torch.Tensor, target: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """Counts ``[true, predicted]`` (rows are true classes)."""
+    cm = tmc.MulticlassConfusionMatrix(num_classes)
+    return cm(preds, target).to(torch.long)

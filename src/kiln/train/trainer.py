@@ -1,0 +1,414 @@
+"""The Trainer: a thin loop built from Kiln's parts, readable top to bottom.
+
+``fit()`` in pseudocode, with the callback events it fires::
+
+    setup: seed -> data -> model -> Engine.setup -> optimizer -> scheduler -> resume state
+    on_fit_start
+    for epoch in epochs:                       (resumes mid-epoch at the saved batch)
+        on_epoch_start
+        for i, (x, y) in loader:               (order fixed by seed and epoch)
+            with engine.micro_step(i):          (no_sync unless this micro-step updates)
+                with engine.autocast(): out = model(x); loss = loss_fn(out, y)
+                engine.backward(loss)           (scaled by the group factor)
+            if update:
+                engine.optimizer_step()         (unscale -> clip -> step -> scaler -> zero_grad)
+                scheduler.step()                (per-update schedules)
+                on_update_end; every log_every: on_log; every N steps: save -> on_checkpoint
+        epoch schedulers; validate -> on_validation_end; save -> on_checkpoint; on_epoch_end
+    best weights -> model.safetensors; test metrics -> summary.json; on_fit_end
+    on any exception: on_exception, then re-raise (SIGINT/SIGTERM save a checkpoint first)
+
+Example:
+    >>> from kiln.config import load_config
+    >>> cfg = load_config(None, ["train.epochs=1", "log.tensorboard=false", "out_dir=/tmp/kr"])
+    >>> result = Trainer(cfg, verbose=False).fit()      # doctest: +SKIP
+    >>> result.test["acc"] > 0.9                         # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from kiln.config import Config
+from kiln.data.base import DataBundle
+from kiln.data.loader import batch_sizes, start_epoch
+from kiln.losses import LossFn, build_loss
+from kiln.train import build
+from kiln.train.callbacks import Callbacks
+from kiln.train.checkpoint import CheckpointManager, load_checkpoint, resolve_checkpoint
+from kiln.train.engine import Engine
+from kiln.train.logging import MetricsLogger, Progress
+from kiln.train.metrics import TaskMetrics
+from kiln.train.optim import build_optimizer, build_scheduler
+from kiln.train.reproducibility import rng_state, seed_everything, set_deterministic, set_rng_state
+from kiln.train.weights import save_weights
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM or a stop request; a checkpoint was saved first."""
+
+    def __init__(self, reason: str, checkpoint: Path | None, run_dir: Path) -> None:
+        self.reason, self.checkpoint, self.run_dir = reason, checkpoint, run_dir
+        super().__init__(f"stopped by {reason}; checkpoint saved to {checkpoint}")
+
+
+@dataclass
+class FitResult:
+    """What a finished ``fit()`` returns."""
+
+    run_dir: Path
+    steps: int
+    val: dict[str, float] = field(default_factory=dict)  # best validation metrics
+    test: dict[str, float] = field(default_factory=dict)  # test metrics of the best weights
+    best_checkpoint: Path | None = None
+
+
+def monitor_mode(metric: str, mode: str) -> str:
+    """``auto`` -> max for accuracy-like metrics, min for losses and errors."""
+    if mode != "auto":
+        return mode
+    return "max" if any(k in metric for k in ("acc", "f1", "auroc", "precision", "recall")) else "min"
+
+
+def accumulation_weights(sizes: Sequence[int], accumulate: int) -> list[float]:
+    """Loss factor per micro-batch: its share of its group's samples (exact for a short last one)."""
+    weights = []
+    for start in range(0, len(sizes), accumulate):
+        group = sizes[start : start + accumulate]
+        weights.extend(s / sum(group) for s in group)
+    return weights
+
+
+def evaluate(
+    model: nn.Module, loader: DataLoader[Any], loss_fn: LossFn, engine: Engine, metrics: TaskMetrics
+) -> dict[str, float]:
+    """Loss and task metrics of ``model`` over ``loader`` (inference mode, one host sync)."""
+    was_training = model.training
+    model.eval()
+    metrics.reset()
+    with torch.inference_mode():
+        for batch in loader:
+            x, y = engine.to_device(batch)
+            with engine.autocast():
+                out = model(x)
+                loss_sum = loss_fn(out, y, reduction="sum")
+            metrics.update(out, y, loss_sum=loss_sum, count=y.numel() if out.dim() == 3 else len(y))
+    model.train(was_training)
+    return metrics.compute()
+
+
+class Trainer:
+    """Runs a Config end to end; each part is also usable alone (see the module docstring).
+
+    Args:
+        cfg: the validated job config.
+        model: a user's own ``nn.Module`` (else built from ``cfg.model``).
+        data: a user's own :class:`DataBundle` (else built from ``cfg.data``).
+        callbacks: objects with ``on_<event>`` methods (see ``kiln.train.callbacks.EVENTS``).
+        run_dir: write here instead of a new ``out_dir/name`` (resume reuses the old one).
+        verbose: print one line per epoch and the final summary.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        model: nn.Module | None = None,
+        data: DataBundle | None = None,
+        callbacks: Sequence[object] = (),
+        run_dir: str | Path | None = None,
+        verbose: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.callbacks = Callbacks(callbacks)
+        self.verbose = verbose
+        self.epoch = 0  # current epoch (0-based)
+        self.batch_in_epoch = 0  # micro-batches of this epoch already trained on
+        self.step = 0  # optimizer updates so far
+        self.best: dict[str, float] = {}
+        self._stop_reason: str | None = None
+        self._setup(model, data, run_dir)
+
+    # ------------------------------------------------------------------ setup
+
+    def _setup(self, model: nn.Module | None, data: DataBundle | None, run_dir: Any) -> None:
+        cfg = self.cfg
+        seed_everything(cfg.seed)
+        set_deterministic(cfg.deterministic)
+        self.data = data if data is not None else build.build_data_for(cfg)
+        info = self.data.info
+        self.engine = Engine(
+            device=cfg.device,
+            precision=cfg.precision,
+            accumulate=cfg.train.accumulate,
+            clip_norm=cfg.train.clip_norm,
+            clip_value=cfg.train.clip_value,
+            compile=cfg.compile,
+            channels_last=cfg.channels_last,
+            allow_fp16_cpu=cfg.allow_fp16_cpu,
+        )
+        model = model if model is not None else build.build_model_for(cfg, info)
+        self.model, _ = self.engine.setup(model)
+        self.optimizer = build_optimizer(self.engine.model, cfg.optim)  # type: ignore[arg-type]
+        dev = self.engine.device
+        self.train_loader = build.loader_for(cfg, self.data.train, train=True, device=dev)
+        self.val_loader = (
+            build.loader_for(cfg, self.data.val, train=False, device=dev) if self.data.val else None
+        )
+        self.test_loader = (
+            build.loader_for(cfg, self.data.test, train=False, device=dev)
+            if self.data.test
+            else None
+        )
+        sizes = batch_sizes(len(self.data.train), cfg.data.batch_size, cfg.data.drop_last)  # type: ignore[arg-type]
+        if not sizes:
+            raise ValueError(
+                f"the train split has {len(self.data.train)} examples, fewer than one batch of "  # type: ignore[arg-type]
+                f"{cfg.data.batch_size} with drop_last; lower data.batch_size"
+            )
+        self.n_batches = len(sizes)
+        self._weights = accumulation_weights(sizes, cfg.train.accumulate)
+        self.updates_per_epoch = math.ceil(self.n_batches / cfg.train.accumulate)
+        self.total_steps = cfg.train.max_steps or self.updates_per_epoch * cfg.train.epochs
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            cfg.scheduler,
+            steps_per_epoch=self.updates_per_epoch,
+            epochs=cfg.train.epochs,
+            total_steps=self.total_steps,
+        )
+        self.loss_fn = build_loss(cfg.loss, task=info.task)
+        self.metrics = TaskMetrics(
+            info.task, num_classes=info.num_classes, device=dev, top_k=cfg.train.top_k
+        )
+        monitor = cfg.checkpoint.monitor
+        if self.val_loader is None and monitor.startswith("val/"):
+            monitor = "train/" + monitor.split("/", 1)[1]
+        self.monitor = monitor
+        self.mode = monitor_mode(monitor, cfg.checkpoint.mode)
+        resume = resolve_checkpoint(cfg.resume) if cfg.resume else None
+        if run_dir is not None:
+            self.run_dir = Path(run_dir)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        elif resume is not None:
+            self.run_dir = resume.parent.parent
+        else:
+            self.run_dir = build.new_run_dir(cfg.out_dir, cfg.name)
+        build.write_run_files(self.run_dir, cfg, info)
+        self.ckpts = CheckpointManager(
+            self.run_dir / "checkpoints",
+            keep_last=cfg.checkpoint.keep_last,
+            keep_best=cfg.checkpoint.keep_best,
+            mode=self.mode,
+        )
+        if resume is not None:
+            self.load_state_dict(load_checkpoint(resume, map_location=dev))
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit for bit (DESIGN.md rule 5)."""
+        return {
+            "model": self.engine.model.state_dict(),  # type: ignore[union-attr]
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "engine": self.engine.state_dict(),
+            "rng": rng_state(),
+            "loop": {"epoch": self.epoch, "batch": self.batch_in_epoch, "step": self.step},
+            "best": dict(self.best),
+            "config": self.cfg.model_dump(mode="json"),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.engine.model.load_state_dict(state["model"])  # type: ignore[union-attr]
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler and state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.engine.load_state_dict(state["engine"])
+        set_rng_state(state["rng"])
+        loop = state["loop"]
+        self.epoch, self.batch_in_epoch, self.step = loop["epoch"], loop["batch"], loop["step"]
+        self.best = dict(state.get("best", {}))
+
+    def request_stop(self, reason: str = "request") -> None:
+        """Stop after the current update, saving a checkpoint (callbacks may call this)."""
+        self._stop_reason = reason
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> FitResult:
+        """Train, validate, checkpoint; return the best metrics and the test metrics."""
+        cfg = self.cfg
+        self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard)
+        progress = Progress(self.total_steps, enabled=cfg.log.progress, initial=self.step)
+        try:
+            with self._signals(), progress:
+                self.progress = progress
+                self.callbacks.fire("on_fit_start", self)
+                while self.epoch < cfg.train.epochs and self.step < self.total_steps:
+                    self._train_epoch()
+                    if self._stop_reason:
+                        break
+            if self._stop_reason:
+                path = self._save()
+                raise TrainingInterrupted(self._stop_reason, path, self.run_dir)
+            result = self._finish()
+        except BaseException as exc:
+            self.callbacks.fire("on_exception", self, exc)
+            raise
+        finally:
+            self.logger.close()
+        self.callbacks.fire("on_fit_end", self, result)
+        return result
+
+    def _train_epoch(self) -> None:
+        cfg, engine, model, opt = self.cfg, self.engine, self.model, self.optimizer
+        epoch, n, loss_fn, weights = self.epoch, self.n_batches, self.loss_fn, self._weights
+        start_epoch(self.train_loader, epoch, self.batch_in_epoch)
+        self.callbacks.fire("on_epoch_start", self, epoch)
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=engine.device)
+        loss_count = 0
+        every_ckpt = cfg.checkpoint.every_n_steps
+        model.train()
+        for i, batch in enumerate(self.train_loader, self.batch_in_epoch):
+            x, y = engine.to_device(batch)
+            with engine.micro_step(i, n, weight=weights[i]) as update:
+                with engine.autocast():
+                    out = model(x)
+                    loss = loss_fn(out, y)
+                engine.backward(loss)
+            loss_sum += loss.detach()
+            loss_count += 1
+            self.batch_in_epoch = i + 1
+            if not update:
+                continue
+            log_now = (self.step + 1) % cfg.train.log_every == 0
+            grad_norm = engine.optimizer_step(opt, grad_norm=log_now)
+            if self.scheduler is not None and self.scheduler.interval == "step":
+                if engine.last_step_taken:
+                    self.scheduler.step()
+            self.step += 1
+            self.callbacks.fire("on_update_end", self, self.step)
+            if log_now:
+                self._log_train(loss_sum / loss_count, grad_norm)
+                loss_sum.zero_()
+                loss_count = 0
+            self.progress.update(self.step)
+            if every_ckpt and self.step % every_ckpt == 0:
+                self._save()
+            if self._stop_reason or self.step >= self.total_steps:
+                break
+        if self.batch_in_epoch == n:
+            self._end_epoch(time.perf_counter() - t0)
+
+    def _end_epoch(self, seconds: float) -> None:
+        cfg = self.cfg
+        metrics: dict[str, float] = {"epoch": self.epoch + 1, "epoch_time_s": round(seconds, 3)}
+        val: dict[str, float] = {}
+        if self.val_loader is not None and (self.epoch + 1) % cfg.train.val_every == 0:
+            val = self.validate()
+            metrics.update({f"val/{k}": v for k, v in val.items()})
+        if self.scheduler is not None and self.scheduler.interval == "epoch":
+            self.scheduler.step()
+        elif self.scheduler is not None and self.scheduler.interval == "plateau" and val:
+            self.scheduler.step(val[self.monitor.split("/", 1)[1]])
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self.logger.log(metrics, step=self.step)
+        if self.verbose:
+            shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("val/"))
+            line = f"epoch {self.epoch}/{cfg.train.epochs}  step {self.step}  {shown}  ({seconds:.1f}s)"
+            self.progress.print(line) if self.progress.enabled else print(line, flush=True)
+        if cfg.checkpoint.every_epoch:
+            self._save(metrics.get(self.monitor))
+        self.callbacks.fire("on_epoch_end", self, self.epoch, metrics)
+
+    def validate(self) -> dict[str, float]:
+        """Metrics on the validation split (fires ``on_validation_end``)."""
+        assert self.val_loader is not None
+        val = evaluate(self.model, self.val_loader, self.loss_fn, self.engine, self.metrics)
+        self.callbacks.fire("on_validation_end", self, val)
+        return val
+
+    def _log_train(self, mean_loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        logs = {"train/loss": mean_loss.item(), "lr": self.optimizer.param_groups[0]["lr"]}
+        if grad_norm is not None:
+            logs["train/grad_norm"] = grad_norm.item()
+        if self.engine.skipped:
+            logs["train/skipped_updates"] = self.engine.skipped
+        self._last_train = logs
+        self.logger.log(logs, step=self.step)
+        self.progress.update(self.step, {"loss": logs["train/loss"]}, force=True)
+        self.callbacks.fire("on_log", self, logs)
+
+    def _save(self, metric: float | None = None) -> Path:
+        if metric is None and self.monitor.startswith("train/"):
+            metric = getattr(self, "_last_train", {}).get(self.monitor)
+        if metric is not None and self._is_better(metric):
+            self.best = {"step": self.step, self.monitor: metric}
+        path = self.ckpts.save(self.state_dict(), step=self.step, metric=metric)
+        self.callbacks.fire("on_checkpoint", self, path)
+        return path
+
+    def _is_better(self, metric: float) -> bool:
+        old = self.best.get(self.monitor)
+        return old is None or (metric < old if self.mode == "min" else metric > old)
+
+    def _finish(self) -> FitResult:
+        """Save the best weights as model.safetensors and measure them on the test split."""
+        if self.batch_in_epoch or not self.cfg.checkpoint.every_epoch:
+            self._save()  # the final position (max_steps mid-epoch, or no epoch checkpoints)
+        best_path = self.ckpts.dir / "best"
+        best_file = self.ckpts.dir / best_path.read_text().strip() if best_path.is_file() else None
+        final = self.engine.model
+        assert final is not None
+        if best_file is not None:
+            final = copy.deepcopy(final)
+            final.load_state_dict(load_checkpoint(best_file, map_location=self.engine.device)["model"])
+        save_weights(final, self.run_dir / "model.safetensors", self.cfg, self.data.info)
+        result = FitResult(self.run_dir, self.step, best_checkpoint=best_file)
+        if self.val_loader is not None:
+            result.val = evaluate(final, self.val_loader, self.loss_fn, self.engine, self.metrics)
+        if self.test_loader is not None:
+            result.test = evaluate(final, self.test_loader, self.loss_fn, self.engine, self.metrics)
+            self.logger.log({f"test/{k}": v for k, v in result.test.items()}, step=self.step)
+        summary = {"steps": self.step, "val": result.val, "test": result.test,
+                   "best_checkpoint": str(best_file) if best_file else None}
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return result
+
+    @contextmanager
+    def _signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM ask the loop to stop after the current update and save."""
+        if threading.current_thread() is not threading.main_thread():
+            with nullcontext():
+                yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._stop_reason:  # a second Ctrl-C stops at once
+                raise KeyboardInterrupt
+            self._stop_reason = signal.Signals(signum).name
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)

@@ -1,0 +1,77 @@
+"""Model weights without pickle: ``model.safetensors`` plus the config that rebuilds the model.
+
+``kiln.load_model(run_dir)`` reads ``config.yaml`` and ``data_info.json`` from the run directory,
+rebuilds the network through the registry and loads the weights; tied weights (a GPT's embedding
+and head) survive because safetensors' ``save_model``/``load_model`` handle shared tensors.
+
+Example:
+    >>> model = load_model("runs/digits")          # doctest: +SKIP
+    >>> model(torch.randn(1, 1, 32, 32)).shape     # doctest: +SKIP
+    torch.Size([1, 10])
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kiln.config import Config, dump_config
+from kiln.data.base import DataInfo
+
+WEIGHTS = "model.safetensors"
+
+
+def save_weights(model: nn.Module, path: str | Path, cfg: Config, info: DataInfo) -> Path:
+    """Write ``model``'s weights to ``path`` with the config and data info as metadata."""
+    from safetensors.torch import save_model
+
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp")
+    meta = {"kiln_config": dump_config(cfg), "kiln_data_info": json.dumps(asdict(info))}
+    save_model(model, str(tmp), metadata=meta)
+    tmp.replace(p)
+    return p
+
+
+def load_model(
+    run: str | Path, *, model: nn.Module | None = None, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """Rebuild a trained model from a run directory (or a ``.safetensors`` file), in eval mode.
+
+    Args:
+        run: a run directory holding ``model.safetensors``, or the file itself.
+        model: an instance to load into (for user models that cannot be rebuilt by import path).
+        device: where to put the weights.
+
+    Raises:
+        FileNotFoundError: no weights there (the run may not have finished; use its checkpoint).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_model as st_load
+
+    p = Path(run)
+    file = p / WEIGHTS if p.is_dir() else p
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"no {WEIGHTS} in {p}; the run may not have finished; "
+            "resume it with `kiln train <config> resume=<run>`"
+        )
+    with safe_open(str(file), "pt") as f:
+        meta = f.metadata() or {}
+    if model is None:
+        if "kiln_config" not in meta:
+            raise ValueError(f"{file} has no Kiln metadata; pass model=<your nn.Module> to load it")
+        import yaml
+
+        cfg = Config.model_validate(yaml.safe_load(meta["kiln_config"]))
+        raw = json.loads(meta["kiln_data_info"])
+        raw["input_shape"] = tuple(raw["input_shape"])
+        from kiln.registry import build_model
+
+        model = build_model(cfg.model, DataInfo(**raw))
+    st_load(model, str(file), strict=True, device=str(device))
+    return model.to(device).eval()
