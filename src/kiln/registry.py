@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 from kiln.config import suggest
@@ -93,7 +93,7 @@ def import_object(path: str) -> Any:
             if hint:
                 msg += f"; did you mean {hint!r}?"
             shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
-            msg += f" names there: {shown}" if names else " (it defines no public names)"
+            msg += f"; names there: {shown}" if names else "; it defines no public names"
             raise ImportError(msg)
         obj = getattr(obj, part)
     return obj
@@ -107,9 +107,9 @@ def data_kwargs(info: DataInfo) -> dict[str, Any]:
 
     Example:
         >>> from kiln.data.base import DataInfo
-        >>> data_kwargs(DataInfo(task="classification", input_shape=(1, 8, 8), num_classes=3))
-        {'in_features': 64, 'input_shape': (1, 8, 8), 'in_channels': 1, 'num_classes': 3, \
-'out_features': 3}
+        >>> kw = data_kwargs(DataInfo("classification", input_shape=(1, 8, 8), num_classes=3))
+        >>> kw["in_features"], kw["in_channels"], kw["out_features"]
+        (64, 1, 3)
     """
     out: dict[str, Any] = {
         "in_features": math.prod(info.input_shape),
@@ -141,7 +141,12 @@ def _parameters(fn: Callable[..., Any]) -> Mapping[str, inspect.Parameter] | Non
         return None
 
 
-def check_kwargs(fn: Callable[..., Any], kwargs: Mapping[str, Any], owner: str) -> None:
+def check_kwargs(
+    fn: Callable[..., Any],
+    kwargs: Mapping[str, Any],
+    owner: str,
+    reserved: Collection[str] = (),
+) -> None:
     """Refuse keyword arguments that ``fn`` does not take, naming the closest allowed one.
 
     Nothing is checked when ``fn`` accepts ``**kwargs`` or its signature cannot be read.
@@ -150,16 +155,16 @@ def check_kwargs(fn: Callable[..., Any], kwargs: Mapping[str, Any], owner: str) 
         fn: the class or function the arguments are for.
         kwargs: the user's ``model.kwargs``.
         owner: how the error names ``fn`` (``resnet``, ``mypkg.nets:MyNet``).
+        reserved: parameters the caller fills itself (a builder's ``info``); never allowed.
 
     Raises:
         ValueError: a key is not a parameter of ``fn``.
 
     Example:
-        >>> check_kwargs(lambda info, width=16: None, {"widht": 8}, "resnet")
+        >>> check_kwargs(lambda width=16: None, {"widht": 8}, "net")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: model.kwargs.widht is not an argument of resnet; did you mean 'width'? \
-allowed: width
+        ValueError: model.kwargs.widht is not an argument of net; did you mean 'width'? ...
     """
     params = _parameters(fn)
     if params is None or any(p.kind is p.VAR_KEYWORD for p in params.values()):
@@ -167,12 +172,12 @@ allowed: width
     allowed = [
         n
         for n, p in params.items()
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in ("self", "info")
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in reserved
     ]
     for key in kwargs:
         if key not in allowed:
             hint = suggest(key, allowed)
-            did = f"; did you mean {hint!r}?" if hint else ""
+            did = f"; did you mean {hint!r}?" if hint else ";"
             raise ValueError(
                 f"model.kwargs.{key} is not an argument of {owner}{did} "
                 f"allowed: {', '.join(allowed) or '(none)'}"
@@ -182,7 +187,7 @@ allowed: width
 def _resolve_builtin(name: str) -> Callable[..., Any]:
     if name not in MODELS:
         hint = suggest(name, list(MODELS))
-        did = f"; did you mean {hint!r}?" if hint else ""
+        did = f"; did you mean {hint!r}?" if hint else ";"
         raise ValueError(
             f"unknown model {name!r}{did} allowed: {', '.join(MODELS)}; "
             "or set model.target=pkg.module:Class"
@@ -228,8 +233,8 @@ def build_model(cfg: ModelConfig, info: DataInfo) -> nn.Module:
         fn: Callable[..., Any] = import_object(cfg.target)
         if not callable(fn):
             raise TypeError(
-                f"model.target {owner!r} is a {type(fn).__name__}, not a class or function; "
-                "point it at an nn.Module subclass or a function that returns one"
+                f"model.target {owner!r} is of type {type(fn).__name__!r}, not a class or function;"
+                " point it at an nn.Module subclass or a function that returns one"
             )
         check_kwargs(fn, cfg.kwargs, owner)
         params = _parameters(fn) or {}
@@ -239,7 +244,7 @@ def build_model(cfg: ModelConfig, info: DataInfo) -> nn.Module:
     else:
         owner = cfg.name
         fn = _resolve_builtin(cfg.name)
-        check_kwargs(fn, cfg.kwargs, owner)
+        check_kwargs(fn, cfg.kwargs, owner, reserved=("info",))
         positional, kwargs = (info,), dict(cfg.kwargs)
     try:
         model = fn(*positional, **kwargs)

@@ -94,7 +94,7 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_missing_target_lists_columns_and_suggests(tmp_path: Path) -> None:
     path = _write(tmp_path / "t.csv", ["age", "income", "label", "price"], _numeric_rows())
-    with pytest.raises(ValueError, match="target column 'lable' is not in t.csv") as exc:
+    with pytest.raises(ValueError, match=r"target column 'lable' is not in t\.csv") as exc:
         build_data(_cfg(path, "lable"), seed=0)
     assert "columns: age, income, label, price" in str(exc.value)
     assert "did you mean 'label'?" in str(exc.value)
@@ -113,8 +113,17 @@ def test_non_numeric_feature_cell(tmp_path: Path) -> None:
     rows = _numeric_rows()
     rows[2][1] = "lots"
     path = _write(tmp_path / "t.csv", ["age", "income", "label", "price"], rows)
-    with pytest.raises(ValueError, match=r"row 3 .*column 'income' has the non-numeric value 'lots'"):
+    with pytest.raises(
+        ValueError, match=r"row 3 .*column 'income' has the non-numeric value 'lots'"
+    ):
         build_data(_cfg(path, "label"), seed=0)
+
+
+def test_missing_target_value(tmp_path: Path) -> None:
+    rows: list[list[object]] = [[i, "" if i == 9 else i % 2] for i in range(20)]
+    path = _write(tmp_path / "t.csv", ["a", "y"], rows)
+    with pytest.raises(ValueError, match=r"row 10 .*target column 'y' is empty/NaN/infinite"):
+        build_data(_cfg(path, "y"), seed=0)
 
 
 def test_non_numeric_regression_target(tmp_path: Path) -> None:
@@ -132,7 +141,7 @@ def test_too_few_rows(tmp_path: Path) -> None:
 
 def test_header_required(tmp_path: Path) -> None:
     path = _write(tmp_path / "t.csv", ["1", "2.5", "0"], [[2, 3.5, 1]] * 10)
-    with pytest.raises(ValueError, match="looks like data .* add a header row"):
+    with pytest.raises(ValueError, match=r"looks like data .* add a header row"):
         build_data(_cfg(path, "0"), seed=0)
 
 

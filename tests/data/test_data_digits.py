@@ -91,5 +91,5 @@ def test_standardize_off_keeps_scaled_pixels() -> None:
 
 
 def test_regression_task_is_refused() -> None:
-    with pytest.raises(ValueError, match="data.task=auto"):
+    with pytest.raises(ValueError, match=r"data\.task=auto"):
         build_data(DataConfig(task="regression"), seed=0)

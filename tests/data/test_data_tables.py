@@ -70,7 +70,7 @@ def test_task_override() -> None:
     info = build_data(DataConfig(name="sklearn:diabetes", task="classification"), seed=0).info
     assert info.num_classes == len(np.unique(load_diabetes().target))
     assert info.class_names is not None and info.class_names[0] == "25"
-    with pytest.raises(ValueError, match="3 target columns.*data.task=auto or regression"):
+    with pytest.raises(ValueError, match=r"3 target columns.*data\.task=auto or regression"):
         build_data(DataConfig(name="sklearn:linnerud", task="classification"), seed=0)
 
 

@@ -98,7 +98,7 @@ def test_generate_top1_equals_greedy() -> None:
 
 
 def test_trains_and_gradients_reach_tied_weight() -> None:
-    gpt = tiny().train()
+    gpt = tiny(n_layer=1).train()
     idx = torch.randint(0, VOCAB, (4, BLOCK), generator=torch.Generator().manual_seed(2))
     opt = torch.optim.Adam(gpt.parameters(), lr=1e-2)
     losses = []

@@ -47,6 +47,8 @@ def test_unknown_name_suggests_and_lists() -> None:
         "unknown model 'resnt'; did you mean 'resnet'? allowed: mlp, resnet, gpt; "
         "or set model.target=pkg.module:Class"
     )
+    with pytest.raises(ValueError, match=r"^unknown model 'zzz'; allowed: mlp, resnet, gpt; or"):
+        build_model(ModelConfig(name="zzz"), IMAGE)
 
 
 def test_bad_kwarg_suggests_and_lists() -> None:
@@ -56,6 +58,10 @@ def test_bad_kwarg_suggests_and_lists() -> None:
         "model.kwargs.widht is not an argument of resnet; did you mean 'width'? "
         "allowed: depths, width, dropout, zero_init_residual"
     )
+    with pytest.raises(ValueError, match=r"^model\.kwargs\.qqq is not an argument of mlp; allowed"):
+        build_model(ModelConfig(name="mlp", kwargs={"qqq": 1}), FLAT)
+    with pytest.raises(ValueError, match=r"^model\.kwargs\.info is not an argument of mlp"):
+        build_model(ModelConfig(name="mlp", kwargs={"info": None}), FLAT)
 
 
 def test_wrong_type_is_wrapped_with_the_model_name() -> None:

@@ -52,6 +52,7 @@ def collect() -> dict[str, str]:
 
 
 def print_env() -> None:
-    width = max(len(k) for k in (info := collect()))
+    info = collect()
+    width = max(len(k) for k in info)
     for k, v in info.items():
         print(f"{k:<{width}}  {v}")

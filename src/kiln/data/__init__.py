@@ -21,6 +21,7 @@ from kiln.config import DataConfig
 from kiln.data.base import ArrayDataset, DataBundle, DataInfo, is_batched
 from kiln.data.digits import build_digits
 from kiln.data.images import build_image_folder
+from kiln.data.loader import make_loader
 from kiln.data.splits import split_indices, split_sizes, standardize, subset_splits
 from kiln.data.synthetic import build_synthetic
 from kiln.data.tables import build_csv, build_sklearn_table, sklearn_tables
@@ -34,6 +35,7 @@ __all__ = [
     "decode",
     "encode",
     "is_batched",
+    "make_loader",
     "sklearn_tables",
     "split_indices",
     "split_sizes",

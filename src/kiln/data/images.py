@@ -80,10 +80,10 @@ class ImageFolderDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         from PIL import Image
 
         with Image.open(self.files[i]) as img:
-            img = img.convert("L" if self.channels == 1 else "RGB")
-            img = img.resize((self.size, self.size), Image.Resampling.BILINEAR)
-            # np.array copies into a writable buffer; torch.from_numpy warns on read-only ones.
-            arr = np.array(img, dtype=np.uint8).reshape(self.size, self.size, self.channels)
+            pic = img.convert("L" if self.channels == 1 else "RGB")
+        pic = pic.resize((self.size, self.size), Image.Resampling.BILINEAR)
+        # np.array copies into a writable buffer; torch.from_numpy warns on read-only ones.
+        arr = np.array(pic, dtype=np.uint8).reshape(self.size, self.size, self.channels)
         return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -191,7 +191,8 @@ def _read_rows(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
     """Header, data rows and each row's line number; checks the shape of the file."""
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
-        rows, lines = [], []
+        rows: list[list[str]] = []
+        lines: list[int] = []
         header: list[str] | None = None
         for row in reader:
             if not row:
@@ -304,10 +305,10 @@ def build_csv(cfg: DataConfig, *, seed: int) -> DataBundle:
 
     raw_y = [row[t].strip() for row in rows]
     for r, v in enumerate(raw_y):
-        if v.lower() in _MISSING:
+        if v.lower() in _MISSING or (_is_number(v) and not math.isfinite(float(v))):
             raise ValueError(
                 f"row {r + 1} (line {lines[r]} of {path.name}), target column {target!r} is "
-                "empty/NaN; fill or drop that row"
+                f"empty/NaN/infinite ({v!r}); fill or drop that row"
             )
     numeric = all(_is_number(v) for v in raw_y)
     task: Task

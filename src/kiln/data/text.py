@@ -64,7 +64,9 @@ def windows(ids: torch.Tensor, block_size: int, stride: int) -> ArrayDataset:
     """
     if len(ids) < block_size + 1:
         raise ValueError(f"{len(ids)} ids are too few for one window of {block_size} + 1")
-    return ArrayDataset(ids[:-1].unfold(0, block_size, stride), ids[1:].unfold(0, block_size, stride))
+    return ArrayDataset(
+        ids[:-1].unfold(0, block_size, stride), ids[1:].unfold(0, block_size, stride)
+    )
 
 
 def build_text(cfg: DataConfig, *, seed: int) -> DataBundle:
@@ -85,7 +87,9 @@ def build_text(cfg: DataConfig, *, seed: int) -> DataBundle:
     """
     del seed
     if cfg.task != "auto":
-        raise ValueError(f"text data is next-character prediction; set data.task=auto, not {cfg.task}")
+        raise ValueError(
+            f"text data is next-character prediction; set data.task=auto, not {cfg.task}"
+        )
     path = Path(cfg.path or "")
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "not found"

@@ -46,7 +46,7 @@ _NORMS: dict[str, type[nn.Module] | None] = {
 def _choice(kind: str, value: str, table: Mapping[str, object]) -> None:
     if value not in table:
         hint = suggest(value, list(table))
-        did = f"; did you mean {hint!r}?" if hint else ""
+        did = f"; did you mean {hint!r}?" if hint else ";"
         raise ValueError(f"unknown {kind} {value!r}{did} allowed: {', '.join(table)}")
 
 

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
     try:
-        state = torch.load(p, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # A plain pickle (protocol != 2) warns before being refused below: one message is enough.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise CheckpointError(

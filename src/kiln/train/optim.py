@@ -124,8 +124,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     ``sgd`` uses ``momentum``/``nesterov``; ``adam`` and ``adamw`` use ``betas``/``eps``
     (``adam`` adds weight decay to the gradient as an L2 term, ``adamw`` decouples it).
     When every parameter is a plain CPU or CUDA floating tensor the fused kernels are used
-    (one kernel for all parameters; measured 3-6x faster than torch's default per-parameter
-    loop on CPU for AdamW); otherwise torch picks its default (foreach on accelerators).
+    (a few kernels for all parameters; on this project's CPU, one thread, the optimizer step
+    of AdamW took 3-6x less time than torch's CPU default, a Python loop over parameters, and
+    SGD 1.4-4x less); otherwise torch picks its default (foreach on accelerators).
 
     Args:
         model: The network, already on its device (or moved later by ``Module.to``).

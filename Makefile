@@ -1,0 +1,49 @@
+# Two commands set up everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test install install-dev lint format typecheck bench clean
+
+$(VENV)/.torch:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	touch $@
+
+# torch goes first, pinned; later installs are constrained so nothing swaps it for a CUDA build.
+$(VENV)/.installed: $(VENV)/.torch pyproject.toml
+	$(PIP) install -q -c constraints.txt -e ".[all]"
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -q -c constraints.txt -e ".[all,dev]"
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(VENV)/bin/kiln train configs/digits.yaml
+
+test: install-dev
+	$(PY) -m pytest -q
+
+lint: install-dev
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
+	$(VENV)/bin/mypy
+
+format: install-dev
+	$(VENV)/bin/ruff format src tests benchmarks examples
+	$(VENV)/bin/ruff check --fix src tests benchmarks examples
+
+bench: install
+	$(PY) benchmarks/loop_overhead.py
+	$(PY) benchmarks/import_time.py
+	$(PY) benchmarks/time_to_accuracy.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,467 @@
+"""Claim: Kiln's Trainer costs <= 1.03x a hand-written PyTorch loop per optimizer step.
+
+Same model, data, seed, number of optimizer steps, SGD (lr 0.05, momentum 0.9), batch 64, fp32,
+one torch thread; each measurement in its own process pinned to one core. Two cases:
+
+* ``mlp``: MLP 64-256-256-10 on digits 8x8 (standardised): compute-bound;
+* ``linear``: Linear(64, 10) on the same data: overhead-bound (most of a step is Python).
+
+Loops compared (``--loops``):
+
+* ``raw``: the loop PyTorch guides teach: ``TensorDataset`` + ``DataLoader(shuffle=True)``
+  (per-sample indexing + ``default_collate``), ``torch.optim.SGD`` with its default
+  implementation (CPU: a per-parameter for-loop). The baseline of every ratio.
+* ``raw_gather``: the same loop, batches gathered with one index op per batch
+  (``perm = randperm(n)``; ``x[perm[i:i+64]]``), which is what Kiln's loader does for in-memory
+  data (``ArrayDataset.__getitems__`` + a pass-through collate).
+* ``raw_fused``: ``raw_gather`` plus ``SGD(fused=True)``, the optimizer kernel Kiln picks
+  (``kiln.train.optim.build_optimizer``). Same kernels as Kiln: the difference is Kiln's Python.
+* ``kiln``: ``kiln.Trainer(cfg, model=..., data=DataBundle(ArrayDataset(x, y), None, None, info))``
+  with no validation, test split, checkpoints, TensorBoard or progress bar in the loop, and
+  ``train.log_every`` larger than the run (no ``.item()``).
+* ``lightning``: ``lightning.Trainer`` (logger, checkpointing, progress bar, model summary and
+  sanity validation off; cpu, 1 device) over the ``raw`` DataLoader and default SGD. Runs only
+  when ``import lightning`` works in this interpreter or in ``--lightning-python`` (default
+  ``.venv-bench/bin/python``); see benchmarks/README.md for the separate venv.
+
+What is timed: wall time from the end of the first epoch's last update to the end of the last
+update, divided by the updates in between (the first epoch is a warm-up). That covers whole
+epochs, including every epoch boundary (sampler reset, Kiln's per-epoch metrics line), and
+excludes process start, imports, setup and everything after the last update (Kiln's final
+save). Kiln and Lightning are timed by a callback (``on_update_end`` / ``on_train_batch_end``)
+that only compares the step counter and reads the clock twice.
+
+Run:  .venv/bin/python benchmarks/loop_overhead.py            (about 4 minutes)
+      .venv/bin/python benchmarks/loop_overhead.py --quick    (smoke test, < 30 s, in-process)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C
+
+LOOPS = ("raw", "raw_gather", "raw_fused", "kiln", "lightning")
+CASES = ("mlp", "linear")
+DEFAULT_EPOCHS = {"mlp": 30, "linear": 60}
+LR, MOMENTUM, BATCH = 0.05, 0.9, 64
+LIGHTNING_HINT = (
+    "python -m venv .venv-bench && .venv-bench/bin/pip install torch==2.13.0 && "
+    ".venv-bench/bin/pip install -c benchmarks/requirements-lightning.txt "
+    "-r benchmarks/requirements-lightning.txt -e ."
+)
+
+
+# ---------------------------------------------------------------------------- data and models
+
+
+def make_digits(path: Path) -> None:
+    """Digits 8x8 as (1797, 64) float32 in [0, 1], standardised per pixel; saved for workers.
+
+    Same recipe as Kiln's ``layout=flat`` digits (population std, constant pixels only centred),
+    with all rows as training rows since this benchmark has no held-out split.
+    """
+    import torch
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    x = torch.as_tensor(raw.images, dtype=torch.float64).reshape(-1, 64) / 16.0
+    mean, std = x.mean(0), x.std(0, correction=0)
+    std = torch.where(std > 1e-12, std, torch.ones_like(std))
+    x = ((x - mean) / std).to(torch.float32).contiguous()
+    y = torch.as_tensor(raw.target, dtype=torch.int64)
+    torch.save({"x": x, "y": y}, path)
+
+
+def build_model(case: str) -> Any:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)  # the same initial weights in every loop
+    if case == "mlp":
+        return nn.Sequential(
+            nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+        )
+    if case == "linear":
+        return nn.Linear(64, 10)
+    raise ValueError(f"unknown case {case!r}; allowed: {', '.join(CASES)}")
+
+
+class Clock:
+    """Reads the clock after update ``start`` (end of the warm-up epoch) and after the last one."""
+
+    def __init__(self, start: int, total: int) -> None:
+        self.start, self.total = start, total
+        self.t0 = self.t1 = 0.0
+
+    def tick(self, step: int) -> None:
+        if step == self.start:
+            self.t0 = time.perf_counter()
+        elif step == self.total:
+            self.t1 = time.perf_counter()
+
+    def us_per_step(self) -> float:
+        return (self.t1 - self.t0) / (self.total - self.start) * 1e6
+
+
+# ---------------------------------------------------------------------------- the loops
+
+
+def run_raw(model: Any, x: Any, y: Any, epochs: int, clock: Clock, loop: str) -> None:
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    fused = {"fused": True} if loop == "raw_fused" else {}
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, **fused)
+    model.train()
+    step = 0
+    if loop == "raw":
+        loader = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True)
+        for _ in range(epochs):
+            for xb, yb in loader:
+                loss = F.cross_entropy(model(xb), yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                clock.tick(step)
+        return
+    n = len(x)
+    g = torch.Generator()
+    g.manual_seed(0)
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        for s in range(0, n, BATCH):
+            idx = perm[s : s + BATCH]
+            xb, yb = x[idx], y[idx]
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            clock.tick(step)
+
+
+def run_kiln(model: Any, x: Any, y: Any, epochs: int, clock: Clock, out_dir: str) -> Any:
+    from kiln.config import load_config
+    from kiln.data.base import ArrayDataset, DataBundle, DataInfo
+    from kiln.train.trainer import Trainer
+
+    cfg = load_config(
+        None,
+        [
+            f"out_dir={out_dir}",
+            "name=loop_overhead",
+            "seed=0",
+            "device=cpu",
+            "precision=fp32",
+            "optim.name=sgd",
+            f"optim.lr={LR}",
+            f"optim.momentum={MOMENTUM}",
+            "optim.weight_decay=0",
+            "scheduler.name=none",
+            f"data.batch_size={BATCH}",
+            "data.val_fraction=0",
+            "data.test_fraction=0",
+            f"train.epochs={epochs}",
+            "train.log_every=100000000",
+            "checkpoint.every_epoch=false",
+            "log.tensorboard=false",
+            "log.progress=false",
+        ],
+    )
+    info = DataInfo("classification", (64,), num_classes=10)
+    bundle = DataBundle(ArrayDataset(x, y), None, None, info)
+
+    class Timer:
+        def on_update_end(self, trainer: Any, step: int) -> None:
+            clock.tick(step)
+
+    trainer = Trainer(cfg, model=model, data=bundle, callbacks=[Timer()], verbose=False)
+    trainer.fit()
+    return trainer.engine.model
+
+
+def run_lightning(model: Any, x: Any, y: Any, epochs: int, clock: Clock) -> None:
+    import logging
+    import warnings
+
+    import lightning as L
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    warnings.filterwarnings("ignore")  # "does not have many workers" etc.: advice, not results
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+    class Module(L.LightningModule):
+        def __init__(self, net: Any) -> None:
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            xb, yb = batch
+            return F.cross_entropy(self.net(xb), yb)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM)
+
+    class Timer(L.Callback):
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            clock.tick(trainer.global_step)
+
+    loader = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[Timer()],
+    )
+    trainer.fit(Module(model), train_dataloaders=loader)
+
+
+def measure(loop: str, case: str, epochs: int, data: Path, threads: int) -> dict[str, Any]:
+    """One measurement (normally in its own pinned process)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    blob = torch.load(data, weights_only=True)
+    x, y = blob["x"], blob["y"]
+    steps_per_epoch = -(-len(x) // BATCH)
+    clock = Clock(steps_per_epoch, steps_per_epoch * epochs)
+    model = build_model(case)
+    if loop == "kiln":
+        with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
+            model = run_kiln(model, x, y, epochs, clock, tmp)
+    elif loop == "lightning":
+        run_lightning(model, x, y, epochs, clock)
+    elif loop in ("raw", "raw_gather", "raw_fused"):
+        run_raw(model, x, y, epochs, clock, loop)
+    else:
+        raise ValueError(f"unknown loop {loop!r}; allowed: {', '.join(LOOPS)}")
+    if not clock.t1:
+        raise RuntimeError(f"{loop}: the last update ({clock.total}) was never reached")
+    model.eval()
+    with torch.inference_mode():
+        final_loss = float(torch.nn.functional.cross_entropy(model(x), y))
+    return {
+        "loop": loop,
+        "case": case,
+        "us_per_step": clock.us_per_step(),
+        "steps_timed": clock.total - clock.start,
+        "final_loss": final_loss,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+# ---------------------------------------------------------------------------- orchestration
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke test: tiny, in-process, < 30 s")
+    ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions (default 5)")
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--loops", default=",".join(LOOPS))
+    ap.add_argument("--epochs-mlp", type=int, default=DEFAULT_EPOCHS["mlp"])
+    ap.add_argument("--epochs-linear", type=int, default=DEFAULT_EPOCHS["linear"])
+    ap.add_argument("--cpu", type=int, default=0, help="core to pin to (-1: no pinning)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--lightning-python",
+        default=str(C.ROOT / ".venv-bench" / "bin" / "python"),
+        help="interpreter with lightning installed (used when this one lacks it)",
+    )
+    ap.add_argument("--json", help="also write the raw measurements here")
+    ap.add_argument(
+        "--isolate",
+        action="store_true",
+        help="one process per (loop, case) measurement (default: one per loop and repetition, "
+        "measuring both cases; halves the run time)",
+    )
+    ap.add_argument("--worker", metavar="LOOP", help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    epochs = {"mlp": args.epochs_mlp, "linear": args.epochs_linear}
+    if args.worker:
+        C.emit(
+            [
+                measure(args.worker, case, epochs[case], Path(args.data), args.threads)
+                for case in args.cases.split(",")
+            ]
+        )
+        return
+
+    cases = [c for c in args.cases.split(",") if c]
+    loops = [lp for lp in args.loops.split(",") if lp]
+    reps = args.reps
+    pin = C.pin_prefix(args.cpu)
+    lightning_py: str | None = None
+    notes: list[str] = []
+    if args.quick:
+        epochs = {"mlp": 3, "linear": 3}
+        reps = 1
+        pin = []
+        if "lightning" in loops:
+            loops.remove("lightning")
+            notes.append("lightning: skipped in --quick (its import alone takes several seconds)")
+    elif "lightning" in loops:
+        lightning_py = C.python_for("lightning", [args.lightning_python])
+        if lightning_py is None:
+            loops.remove("lightning")
+            notes.append(f"lightning: not installed; to include it run: {LIGHTNING_HINT}")
+        else:
+            notes.append(f"lightning: measured with {lightning_py}")
+
+    print("# Loop overhead: time per optimizer step, Kiln vs hand-written PyTorch loops")
+    print(
+        C.machine_facts(
+            args.threads, C.describe_pin(pin, "--quick" if args.quick else "taskset unavailable")
+        )
+    )
+    print(
+        f"digits 8x8 standardised (1797 rows, 29 updates/epoch), batch {BATCH}, SGD lr {LR} "
+        f"momentum {MOMENTUM}, fp32; epochs {epochs} (first epoch = warm-up, not timed); "
+        f"{reps} interleaved repetition(s); "
+        + (
+            "--quick: all in this process"
+            if args.quick
+            else "one process per measurement"
+            if args.isolate
+            else "one process per loop and repetition (measures both cases)"
+        )
+    )
+    for note in notes:
+        print(note)
+    sys.stdout.flush()
+
+    results: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
+        data = Path(tmp) / "digits.pt"
+        make_digits(data)
+        env = C.single_thread_env(args.threads)
+        t_start = time.perf_counter()
+        for rep in range(reps):
+            # Both orders of the cases, every loop in every position: no one gets a lucky slot.
+            order = C.interleaved(cases, rep)
+            groups = [[c] for c in order] if (args.isolate or args.quick) else [order]
+            for group in groups:
+                for loop in C.interleaved(loops, rep):
+                    if args.quick:
+                        out = [measure(loop, c, epochs[c], data, args.threads) for c in group]
+                    else:
+                        exe = lightning_py if loop == "lightning" else sys.executable
+                        cmd = [
+                            *pin,
+                            exe or sys.executable,
+                            str(Path(__file__).resolve()),
+                            "--worker",
+                            loop,
+                            "--cases",
+                            ",".join(group),
+                            "--epochs-mlp",
+                            str(epochs["mlp"]),
+                            "--epochs-linear",
+                            str(epochs["linear"]),
+                            "--data",
+                            str(data),
+                            "--threads",
+                            str(args.threads),
+                        ]
+                        out = C.run_child(cmd, env=env)
+                    for res in out:
+                        results.setdefault((res["case"], loop), []).append(res)
+            took = time.perf_counter() - t_start
+            print(f"  rep {rep + 1}/{reps} done ({took:.0f} s)", flush=True)
+
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({f"{c}/{lp}": v for (c, lp), v in results.items()}, indent=1)
+        )
+    report(results, cases, loops, reps)
+
+
+def ratios(
+    results: dict[tuple[str, str], list[dict[str, Any]]], case: str, loop: str, base: str
+) -> list[float]:
+    """Per repetition: loop's us/step over the baseline's from the same repetition."""
+    if (case, base) not in results:
+        return []
+    pairs = zip(results[(case, loop)], results[(case, base)], strict=True)
+    return [a["us_per_step"] / b["us_per_step"] for a, b in pairs]
+
+
+def report(
+    results: dict[tuple[str, str], list[dict[str, Any]]],
+    cases: list[str],
+    loops: list[str],
+    reps: int,
+) -> None:
+    """Per case: median us/step, spread, and median per-repetition ratios to raw and raw_fused."""
+    for case in cases:
+        print(f"\n## {case}: " + ("MLP 64-256-256-10" if case == "mlp" else "Linear(64, 10)"))
+        rows = []
+        for loop in loops:
+            runs = results[(case, loop)]
+            us = [r["us_per_step"] for r in runs]
+            cells = []
+            for base in ("raw", "raw_fused"):
+                rs = ratios(results, case, loop, base)
+                cells.append(f"{C.median(rs):.3f} ({C.spread(rs)})" if rs else "-")
+            loss = C.median([r["final_loss"] for r in runs])
+            rows.append(
+                [
+                    loop,
+                    f"{C.median(us):.0f}",
+                    C.spread(us),
+                    *cells,
+                    f"{loss:.4f}",
+                    runs[0]["steps_timed"],
+                ]
+            )
+        headers = [
+            "loop",
+            "us/step (median)",
+            "us/step min-max",
+            "ratio to raw (min-max)",
+            "ratio to raw_fused (min-max)",
+            "final train loss",
+            "updates timed",
+        ]
+        print(C.table(headers, rows))
+    print(
+        "\nRatios: median over repetitions of (loop / baseline from the same repetition). "
+        "Final train loss: loss on all rows after training (same work gives close values; "
+        "shuffles differ between loops)."
+    )
+    for case in cases:
+        rs = ratios(results, case, "kiln", "raw")
+        if rs:
+            r = C.median(rs)
+            print(
+                f"target kiln <= 1.03x raw, {case}: {r:.3f}x -> {'PASS' if r <= 1.03 else 'FAIL'}"
+            )
+    if reps < 5:
+        print(f"(only {reps} repetition(s): a smoke test, not a measurement)")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    main()

@@ -1,0 +1,37 @@
+"""Shared fixtures: fast configs in a temp dir, and a clean environment per test."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from kiln.config import Config, load_config
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Callable[..., Config]:
+    """Build a small, fast config (digits flat MLP) writing under ``tmp_path``."""
+
+    def make(*overrides: str, path: str | Path | None = None) -> Config:
+        base = [
+            f"out_dir={tmp_path / 'runs'}",
+            "log.tensorboard=false",
+            "log.progress=false",
+            "model.name=mlp",
+            "model.kwargs.hidden=[32]",
+            "train.epochs=2",
+            "data.batch_size=64",
+        ]
+        return load_config(path, [*base, *overrides])
+
+    return make
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread() -> None:
+    """One intra-op thread per test process: steadier timings on small shared machines."""
+    import torch
+
+    torch.set_num_threads(1)

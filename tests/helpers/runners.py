@@ -1,0 +1,40 @@
+"""Helpers for tests that run the ``kiln`` CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HELPERS = ROOT / "tests" / "helpers"
+
+
+def kiln_env(**extra: str) -> dict[str, str]:
+    """The environment for a CLI subprocess: the test helpers importable (user models)."""
+    return {**os.environ, "PYTHONPATH": str(HELPERS), "OMP_NUM_THREADS": "1", **extra}
+
+
+def run_kiln(
+    *args: str, cwd: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m kiln ARGS`` and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "kiln", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=kiln_env(),
+    )
+
+
+def popen_kiln(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "kiln", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=kiln_env(),
+    )
