@@ -46,7 +46,10 @@ def test_overrides_do_not_mutate_the_source() -> None:
         ("optim.name=adamm", "optim.name: Input should be 'sgd', 'adam' or 'adamw' (got 'adamm')"),
         ("optim.name=adamm", "did you mean 'adam'?"),
         ("optim.lr=-1", "optim.lr: Input should be greater than 0 (got -1)"),
-        ("train.accumulate=0", "train.accumulate: Input should be greater than or equal to 1 (got 0)"),
+        (
+            "train.accumulate=0",
+            "train.accumulate: Input should be greater than or equal to 1 (got 0)",
+        ),
         ("train.epochs=three", "train.epochs: Input should be a valid integer"),
         ("precision=fp8", "allowed: fp32, bf16, fp16"),
         ("modle.name=mlp", "unknown key 'modle'; did you mean 'model'?"),

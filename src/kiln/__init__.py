@@ -37,7 +37,27 @@ _EXPORTS = {
     "build_model": "kiln.registry",
 }
 
-__all__ = ["__version__", *sorted(_EXPORTS)]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataBundle",
+    "DataInfo",
+    "Engine",
+    "FitResult",
+    "Precision",
+    "Trainer",
+    "TrainingInterrupted",
+    "__version__",
+    "build_data",
+    "build_model",
+    "build_optimizer",
+    "build_scheduler",
+    "evaluate",
+    "fit",
+    "load_config",
+    "load_model",
+    "seed_everything",
+]
 
 if TYPE_CHECKING:
     from kiln.api import fit

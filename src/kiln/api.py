@@ -41,8 +41,10 @@ def infer_info(dataset: Dataset[Any], task: str | None = None) -> DataInfo:
     if task is None:
         task = "classification" if not y.is_floating_point() and y.dim() == 0 else "regression"
     if task == "classification":
-        return DataInfo(task, tuple(x.shape), num_classes=int(ys.max()) + 1)
-    return DataInfo(task, tuple(x.shape), num_outputs=max(1, y.numel()))
+        return DataInfo("classification", tuple(x.shape), num_classes=int(ys.max()) + 1)
+    if task != "regression":
+        raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
+    return DataInfo("regression", tuple(x.shape), num_outputs=max(1, y.numel()))
 
 
 def _as_bundle(data: Any, cfg: Config, task: str | None) -> DataBundle:

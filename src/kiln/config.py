@@ -338,8 +338,10 @@ def _format_error(exc: ValidationError, root: type[BaseModel] = Config) -> str:
             if hint:
                 text += f"; did you mean {hint!r}?"
         lines.append(text)
-    return "invalid config: " + "; ".join(lines) if len(lines) == 1 else "invalid config:\n  " + (
-        "\n  ".join(lines)
+    return (
+        "invalid config: " + "; ".join(lines)
+        if len(lines) == 1
+        else "invalid config:\n  " + ("\n  ".join(lines))
     )
 
 

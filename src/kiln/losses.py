@@ -35,7 +35,9 @@ def _lm_cross_entropy(
     )
 
 
-def _regression(fn: LossFn, out: torch.Tensor, target: torch.Tensor, reduction: str = "mean"):  # type: ignore[no-untyped-def]
+def _regression(
+    fn: LossFn, out: torch.Tensor, target: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
     if out.shape != target.shape:
         if out.numel() != target.numel():
             raise ValueError(

@@ -70,8 +70,10 @@ def test_bad_inputs_give_one_clear_line(tmp_path: Path, bad_csv: Path) -> None:
         (("eval", str(tmp_path)), ["not a Kiln run directory"]),
     ]
     for args, needles in cases:
-        _assert_clean_error(run_kiln(*args, f"out_dir={tmp_path}/runs") if args[0] == "train"
-                            else run_kiln(*args), *needles)
+        _assert_clean_error(
+            run_kiln(*args, f"out_dir={tmp_path}/runs") if args[0] == "train" else run_kiln(*args),
+            *needles,
+        )
 
 
 def test_debug_flag_shows_traceback(tmp_path: Path) -> None:
@@ -80,7 +82,7 @@ def test_debug_flag_shows_traceback(tmp_path: Path) -> None:
 
 
 class _Evil:
-    def __reduce__(self):  # noqa: ANN204 - the payload a malicious checkpoint would carry
+    def __reduce__(self):
         return (Path.touch, (Path(self.marker),))
 
 
@@ -115,7 +117,13 @@ def test_train_then_eval(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "t"
     assert "test accuracy:" in proc.stdout and f"run directory: {run}" in proc.stdout
-    for f in ("config.yaml", "data_info.json", "metrics.jsonl", "model.safetensors", "summary.json"):
+    for f in (
+        "config.yaml",
+        "data_info.json",
+        "metrics.jsonl",
+        "model.safetensors",
+        "summary.json",
+    ):
         assert (run / f).is_file(), f
     ev = run_kiln("eval", str(run))
     assert ev.returncode == 0, ev.stderr

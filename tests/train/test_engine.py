@@ -41,7 +41,9 @@ def _train_big_batches(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sizes
         (38, 4, 4, [16, 16, 6]),  # partial group whose last micro-batch is short too
     ],
 )
-def test_accumulation_equals_one_big_batch(n: int, micro: int, k: int, big_sizes: list[int]) -> None:
+def test_accumulation_equals_one_big_batch(
+    n: int, micro: int, k: int, big_sizes: list[int]
+) -> None:
     x, y = _data(n)
     ref = _model()
     _train_big_batches(ref, x, y, big_sizes)
@@ -59,7 +61,9 @@ def test_accumulation_equals_one_big_batch(n: int, micro: int, k: int, big_sizes
     for i, s in enumerate(sizes):
         with engine.micro_step(i, len(sizes), weight=weights[i]) as update:
             with engine.autocast():
-                loss = nn.functional.cross_entropy(model(x[start : start + s]), y[start : start + s])
+                loss = nn.functional.cross_entropy(
+                    model(x[start : start + s]), y[start : start + s]
+                )
             engine.backward(loss)
         start += s
         if update:
@@ -75,7 +79,16 @@ def test_default_weight_divides_by_group_size() -> None:
     engine = Engine(device="cpu", accumulate=4)
     assert [engine.group_size(i, 10) for i in range(10)] == [4] * 8 + [2, 2]
     assert [engine.is_update(i, 10) for i in range(10)] == [
-        False, False, False, True, False, False, False, True, False, True,
+        False,
+        False,
+        False,
+        True,
+        False,
+        False,
+        False,
+        True,
+        False,
+        True,
     ]
     assert accumulation_weights([4, 4, 4, 4, 4, 2], 4) == [0.25] * 4 + [4 / 6, 2 / 6]
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from runners import popen_kiln, run_kiln
 
 from kiln.config import Config
 from kiln.train.checkpoint import load_checkpoint, resolve_checkpoint
 from kiln.train.trainer import Trainer, TrainingInterrupted
-from runners import popen_kiln, run_kiln
 
 RESUME_OVERRIDES = (
     "model.kwargs.dropout=0.3",  # consumes the torch RNG every step
@@ -58,10 +58,11 @@ def test_resume_mid_epoch_is_bit_identical(make_cfg, tmp_path: Path) -> None:
     n_batches = straight.n_batches
     straight.fit()
     stop_at = n_batches + n_batches // 2  # the middle of epoch 2
-    assert 0 < stop_at % n_batches
+    assert stop_at % n_batches > 0
 
-    first = Trainer(make_cfg(*RESUME_OVERRIDES, "name=split"), callbacks=[StopAt(stop_at)],
-                    verbose=False)
+    first = Trainer(
+        make_cfg(*RESUME_OVERRIDES, "name=split"), callbacks=[StopAt(stop_at)], verbose=False
+    )
     with pytest.raises(TrainingInterrupted) as info:
         first.fit()
     saved = load_checkpoint(info.value.checkpoint)

@@ -24,14 +24,27 @@ def collect() -> dict[str, str]:
         "platform": platform.platform(),
         "torch": torch.__version__,
     }
-    for pkg in ("numpy", "pydantic", "torchmetrics", "safetensors", "scikit-learn", "tensorboard",
-                "onnx", "onnxruntime", "torchao", "transformers"):
+    for pkg in (
+        "numpy",
+        "pydantic",
+        "torchmetrics",
+        "safetensors",
+        "scikit-learn",
+        "tensorboard",
+        "onnx",
+        "onnxruntime",
+        "torchao",
+        "transformers",
+    ):
         info[pkg] = _version(pkg)
     info["cpu capability"] = torch.backends.cpu.get_cpu_capability()
     info["cpu cores"] = str(os.cpu_count())
-    info["torch threads"] = f"{torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} inter-op"
-    info["bf16 on cpu (mkldnn)"] = str(torch.backends.mkldnn.is_available() and
-                                       torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    info["torch threads"] = (
+        f"{torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} inter-op"
+    )
+    info["bf16 on cpu (mkldnn)"] = str(
+        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
     info["cuda"] = (
         f"{torch.version.cuda}, {torch.cuda.device_count()} device(s): "
         + ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
@@ -41,10 +54,17 @@ def collect() -> dict[str, str]:
     info["cudnn"] = str(torch.backends.cudnn.version()) if torch.cuda.is_available() else "-"
     mps = getattr(torch.backends, "mps", None)
     info["mps"] = "available" if mps is not None and mps.is_available() else "not available"
-    info["distributed"] = ", ".join(
-        b for b, ok in (("gloo", torch.distributed.is_gloo_available()),
-                        ("nccl", torch.distributed.is_nccl_available())) if ok
-    ) or "none"
+    info["distributed"] = (
+        ", ".join(
+            b
+            for b, ok in (
+                ("gloo", torch.distributed.is_gloo_available()),
+                ("nccl", torch.distributed.is_nccl_available()),
+            )
+            if ok
+        )
+        or "none"
+    )
     for var in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "MALLOC_MMAP_THRESHOLD_"):
         if var in os.environ:
             info[f"${var}"] = os.environ[var]

@@ -44,7 +44,9 @@ def run_eval(run: str, *, split: str = "test", checkpoint: str | None = None) ->
     loader = build.loader_for(cfg, dataset, train=False, device=engine.device)
     loss_fn = build_loss(cfg.loss, task=data.info.task)
     metrics = TaskMetrics(
-        data.info.task, num_classes=data.info.num_classes, device=engine.device,
+        data.info.task,
+        num_classes=data.info.num_classes,
+        device=engine.device,
         top_k=cfg.train.top_k,
     )
     result: dict[str, Any] = dict(evaluate(model, loader, loss_fn, engine, metrics))
@@ -86,5 +88,7 @@ def _print_confusion(cm: Any, names: list[str]) -> None:
     for n in names:
         table.add_column(n, justify="right")
     for i, row in enumerate(cm.tolist()):
-        table.add_row(names[i], *[f"[bold]{v}[/bold]" if j == i else str(v) for j, v in enumerate(row)])
+        table.add_row(
+            names[i], *[f"[bold]{v}[/bold]" if j == i else str(v) for j, v in enumerate(row)]
+        )
     Console().print(table)

@@ -75,7 +75,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint not found: {p}")
     try:
         with warnings.catch_warnings():
-            # A plain pickle (protocol != 2) warns before being refused below: one message is enough.
+            # A plain pickle (protocol != 2) warns before it is refused below: say it once.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             state = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -116,7 +116,7 @@ class Engine:
         """
         model = model.to(self.device)
         if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.model = model
         wrapped: nn.Module = model
         if self.compile:
@@ -126,7 +126,7 @@ class Engine:
 
     def to_device(self, batch: T) -> T:
         """Move a tensor or a (nested) tuple/list/dict of tensors to the device."""
-        return self._move(batch)  # type: ignore[no-any-return]
+        return self._move(batch)
 
     def _move(self, obj: Any) -> Any:
         if isinstance(obj, torch.Tensor):
@@ -201,7 +201,8 @@ class Engine:
                 norm = torch.nn.utils.clip_grad_norm_(params, self.clip_norm, foreach=True)
             elif grad_norm:
                 norm = torch.nn.utils.get_total_norm(
-                    [p.grad for p in params], foreach=True  # type: ignore[misc]
+                    [p.grad for p in params],
+                    foreach=True,
                 )
         stepped = self.precision.step(optimizer)
         optimizer.zero_grad(set_to_none=True)

@@ -36,7 +36,7 @@ class TaskMetrics:
         self, task: str, *, num_classes: int | None = None, device: torch.device, top_k: int = 5
     ) -> None:
         self.task = task
-        metrics: dict[str, torchmetrics.Metric] = {}
+        metrics: dict[str, torchmetrics.Metric | torchmetrics.MetricCollection] = {}
         if task == "classification":
             if not num_classes:
                 raise ValueError("classification metrics need num_classes")
@@ -85,9 +85,7 @@ class TaskMetrics:
             self.metrics.reset()
 
 
-def confusion_matrix(
-    preds: torch.Tensor, target: torch.Tensor, num_classes: int
-) -> torch.Tensor:
+def confusion_matrix(preds: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Counts ``[true, predicted]`` (rows are true classes)."""
     cm = tmc.MulticlassConfusionMatrix(num_classes)
     return cm(preds, target).to(torch.long)

@@ -43,7 +43,9 @@ class Precision:
                 "use precision=bf16 (about 2x faster than fp32 on AVX-512/AMX CPUs)"
             )
             if not allow_fp16_cpu:
-                raise ValueError(f"precision=fp16 refused on CPU: {why}; or set allow_fp16_cpu=true")
+                raise ValueError(
+                    f"precision=fp16 refused on CPU: {why}; or set allow_fp16_cpu=true"
+                )
             warnings.warn(f"running fp16 on CPU: {why}", RuntimeWarning, stacklevel=2)
         self.kind = kind
         self.device = device

@@ -82,12 +82,14 @@ def monitor_mode(metric: str, mode: str) -> str:
     """``auto`` -> max for accuracy-like metrics, min for losses and errors."""
     if mode != "auto":
         return mode
-    return "max" if any(k in metric for k in ("acc", "f1", "auroc", "precision", "recall")) else "min"
+    return (
+        "max" if any(k in metric for k in ("acc", "f1", "auroc", "precision", "recall")) else "min"
+    )
 
 
 def accumulation_weights(sizes: Sequence[int], accumulate: int) -> list[float]:
-    """Loss factor per micro-batch: its share of its group's samples (exact for a short last one)."""
-    weights = []
+    """Loss factor per micro-batch: its share of its group's samples (exact for a short last)."""
+    weights: list[float] = []
     for start in range(0, len(sizes), accumulate):
         group = sizes[start : start + accumulate]
         weights.extend(s / sum(group) for s in group)
@@ -285,6 +287,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=engine.device)
         loss_count = 0
         every_ckpt = cfg.checkpoint.every_n_steps
+        sched = self.scheduler
+        step_schedule = sched if sched is not None and sched.interval == "step" else None
         model.train()
         for i, batch in enumerate(self.train_loader, self.batch_in_epoch):
             x, y = engine.to_device(batch)
@@ -300,9 +304,8 @@ class Trainer:
                 continue
             log_now = (self.step + 1) % cfg.train.log_every == 0
             grad_norm = engine.optimizer_step(opt, grad_norm=log_now)
-            if self.scheduler is not None and self.scheduler.interval == "step":
-                if engine.last_step_taken:
-                    self.scheduler.step()
+            if step_schedule is not None and engine.last_step_taken:
+                step_schedule.step()
             self.step += 1
             self.callbacks.fire("on_update_end", self, self.step)
             if log_now:
@@ -333,8 +336,12 @@ class Trainer:
         self.logger.log(metrics, step=self.step)
         if self.verbose:
             shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("val/"))
-            line = f"epoch {self.epoch}/{cfg.train.epochs}  step {self.step}  {shown}  ({seconds:.1f}s)"
-            self.progress.print(line) if self.progress.enabled else print(line, flush=True)
+            line = f"epoch {self.epoch}/{cfg.train.epochs}  step {self.step}  {shown}"
+            line += f"  ({seconds:.1f}s)"
+            if self.progress.enabled:
+                self.progress.print(line)
+            else:
+                print(line, flush=True)
         if cfg.checkpoint.every_epoch:
             self._save(metrics.get(self.monitor))
         self.callbacks.fire("on_epoch_end", self, self.epoch, metrics)
@@ -380,7 +387,9 @@ class Trainer:
         assert final is not None
         if best_file is not None:
             final = copy.deepcopy(final)
-            final.load_state_dict(load_checkpoint(best_file, map_location=self.engine.device)["model"])
+            final.load_state_dict(
+                load_checkpoint(best_file, map_location=self.engine.device)["model"]
+            )
         save_weights(final, self.run_dir / "model.safetensors", self.cfg, self.data.info)
         result = FitResult(self.run_dir, self.step, best_checkpoint=best_file)
         if self.val_loader is not None:
@@ -388,8 +397,12 @@ class Trainer:
         if self.test_loader is not None:
             result.test = evaluate(final, self.test_loader, self.loss_fn, self.engine, self.metrics)
             self.logger.log({f"test/{k}": v for k, v in result.test.items()}, step=self.step)
-        summary = {"steps": self.step, "val": result.val, "test": result.test,
-                   "best_checkpoint": str(best_file) if best_file else None}
+        summary = {
+            "steps": self.step,
+            "val": result.val,
+            "test": result.test,
+            "best_checkpoint": str(best_file) if best_file else None,
+        }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return result
 
