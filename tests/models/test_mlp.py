@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from training import overfit_losses
 
 from kiln.data.base import DataInfo
 from kiln.models import MLP, build_mlp
@@ -63,12 +64,5 @@ def test_overfits_a_tiny_batch() -> None:
     torch.manual_seed(0)
     x, y = torch.randn(32, 10), torch.randint(0, 4, (32,))
     net = MLP(10, 4, hidden=(64,))
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(30):
-        loss = nn.functional.cross_entropy(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = overfit_losses(net, x, y)
     assert losses[-1] < 0.5 * losses[0]

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from training import overfit_losses
 
 from kiln.data.base import DataInfo
 from kiln.models import BasicBlock, ResNet, build_resnet
@@ -93,12 +94,5 @@ def test_overfits_a_tiny_batch() -> None:
     torch.manual_seed(0)
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
     net = ResNet(num_classes=4, in_channels=1, depths=(1, 1), width=8)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(30):
-        loss = nn.functional.cross_entropy(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = overfit_losses(net, x, y)
     assert losses[-1] < 0.5 * losses[0]

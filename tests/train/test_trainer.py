@@ -167,3 +167,40 @@ def test_bf16_mlp_reaches_97_percent(tmp_path: Path) -> None:
     )
     result = Trainer(cfg, verbose=False).fit()
     assert result.test["acc"] >= 0.97
+
+
+@pytest.mark.slow
+def test_compile_matches_eager_and_saves_unwrapped_keys(make_cfg) -> None:
+    eager = Trainer(make_cfg("train.max_steps=4", "name=e"), verbose=False)
+    eager.fit()
+    comp = Trainer(make_cfg("train.max_steps=4", "compile=true", "name=c"), verbose=False)
+    comp.fit()
+    state = load_checkpoint(resolve_checkpoint(comp.run_dir))["model"]
+    assert not any(k.startswith("_orig_mod.") for k in state)
+    torch.testing.assert_close(state, eager.engine.model.state_dict(), rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_matches_default(make_cfg) -> None:
+    common = ("model.name=resnet", "model.kwargs={depths: [1], width: 8}", "train.max_steps=3")
+    a = Trainer(make_cfg(*common, "name=a"), verbose=False)
+    a.fit()
+    b = Trainer(make_cfg(*common, "channels_last=true", "name=b"), verbose=False)
+    b.fit()
+    conv = b.engine.model.stem[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    # Different conv kernels sum in another order; Adam amplifies tiny gradient differences.
+    torch.testing.assert_close(
+        b.engine.model.state_dict(), a.engine.model.state_dict(), rtol=1e-3, atol=1e-4
+    )
+
+
+def test_loader_workers_give_the_same_run(make_cfg) -> None:
+    a = Trainer(make_cfg("train.epochs=1", "name=a"), verbose=False)
+    a.fit()
+    b = Trainer(
+        make_cfg("train.epochs=1", "data.num_workers=2", "data.persistent_workers=true", "name=b"),
+        verbose=False,
+    )
+    b.fit()
+    for k, v in a.engine.model.state_dict().items():
+        assert torch.equal(v, b.engine.model.state_dict()[k]), k

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import math
 
+from typing import Any
+
 import torch
-import torchmetrics
-from torchmetrics import classification as tmc
-from torchmetrics import regression as tmr
+
+# torchmetrics (and the scipy it imports) costs ~1 s to import: it is imported on first use, so
+# a run that fails on bad data or a bad model says so without paying for it.
 
 
 class TaskMetrics:
@@ -35,8 +37,12 @@ class TaskMetrics:
     def __init__(
         self, task: str, *, num_classes: int | None = None, device: torch.device, top_k: int = 5
     ) -> None:
+        import torchmetrics
+        from torchmetrics import classification as tmc
+        from torchmetrics import regression as tmr
+
         self.task = task
-        metrics: dict[str, torchmetrics.Metric | torchmetrics.MetricCollection] = {}
+        metrics: dict[str, Any] = {}
         if task == "classification":
             if not num_classes:
                 raise ValueError("classification metrics need num_classes")
@@ -87,5 +93,7 @@ class TaskMetrics:
 
 def confusion_matrix(preds: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Counts ``[true, predicted]`` (rows are true classes)."""
+    from torchmetrics import classification as tmc
+
     cm = tmc.MulticlassConfusionMatrix(num_classes)
     return cm(preds, target).to(torch.long)
