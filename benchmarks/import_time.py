@@ -6,7 +6,7 @@ is reported. Then ``python -X importtime`` shows what ``import kiln.train.traine
 beyond ``import torch``: the 10 biggest modules by cumulative time, and the same time grouped by
 top-level package.
 
-Run:  .venv/bin/python benchmarks/import_time.py            (about 1.5 minutes)
+Run:  .venv/bin/python benchmarks/import_time.py            (about 1 minute)
       .venv/bin/python benchmarks/import_time.py --quick    (smoke test, < 30 s)
 """
 

@@ -23,7 +23,7 @@ setup) to the end of the first validation pass whose accuracy is >= 98%; each ru
 Setup (data, model, run directory; Kiln's TensorBoard writer) is reported separately. A run that
 never reaches 98% in the config's 12 epochs is reported as such and left out of the ratios.
 
-Run:  .venv/bin/python benchmarks/time_to_accuracy.py            (about 3-4 minutes, 3 reps)
+Run:  .venv/bin/python benchmarks/time_to_accuracy.py            (about 2.5 minutes, 3 reps)
       .venv/bin/python benchmarks/time_to_accuracy.py --quick    (smoke test, < 30 s)
 """
 

@@ -158,7 +158,7 @@ class TwoPart(nn.Module):
 
 def test_lr_mult_first_matching_pattern_wins() -> None:
     model = TwoPart()
-    cfg = OptimConfig(lr=0.1, lr_mult={"backbone.0.*": 0.5, "backbone.*": 0.1})
+    cfg = OptimConfig(lr=0.1, weight_decay=0.01, lr_mult={"backbone.0.*": 0.5, "backbone.*": 0.1})
     groups = by_param(build_optimizer(model, cfg).param_groups)
     lrs = {n: groups[id(p)]["lr"] for n, p in model.named_parameters()}
     assert lrs == pytest.approx(
@@ -173,7 +173,7 @@ def test_lr_mult_first_matching_pattern_wins() -> None:
     )
     assert groups[id(model.backbone[1].weight)]["name"] == "decay x0.1"
     # Reversed order: the broad pattern now claims all of the backbone.
-    cfg = OptimConfig(lr=0.1, lr_mult={"backbone.*": 0.1, "backbone.0.*": 0.5})
+    cfg = OptimConfig(lr=0.1, weight_decay=0.01, lr_mult={"backbone.*": 0.1, "backbone.0.*": 0.5})
     groups = by_param(param_groups(model, cfg))
     assert groups[id(model.backbone[0].weight)]["lr"] == pytest.approx(0.01)
 
@@ -353,7 +353,9 @@ ROUND_TRIP = [
 def fresh(cfg: SchedulerConfig) -> tuple[nn.Module, torch.optim.Optimizer, Schedule]:
     torch.manual_seed(0)
     model = TwoPart()
-    opt = build_optimizer(model, OptimConfig(name="sgd", lr=0.1, lr_mult={"backbone.*": 0.1}))
+    opt = build_optimizer(
+        model, OptimConfig(name="sgd", lr=0.1, weight_decay=1e-4, lr_mult={"backbone.*": 0.1})
+    )
     sched = build_scheduler(opt, cfg, steps_per_epoch=2, epochs=12)
     assert sched is not None
     for p in model.parameters():
@@ -437,3 +439,12 @@ def test_impossible_settings_say_what_to_change(
 ) -> None:
     with pytest.raises(ValueError, match=match):
         build(cfg, **kw)
+
+
+def test_no_weight_decay_gives_one_group_per_multiplier() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    groups = param_groups(model, OptimConfig(weight_decay=0.0))
+    assert [g["name"] for g in groups] == ["all"]
+    assert len(groups[0]["params"]) == len(list(model.parameters()))
+    split = param_groups(model, OptimConfig(weight_decay=0.0, lr_mult={"2.*": 0.1}))
+    assert [g["name"] for g in split] == ["all", "all x0.1"]

@@ -204,3 +204,24 @@ def test_loader_workers_give_the_same_run(make_cfg) -> None:
     b.fit()
     for k, v in a.engine.model.state_dict().items():
         assert torch.equal(v, b.engine.model.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_array_loader_yields_the_dataloader_batches(drop_last: bool) -> None:
+    from torch.utils.data import Subset
+
+    from kiln.data.base import ArrayDataset
+    from kiln.data.loader import ArrayLoader
+
+    base = ArrayDataset(torch.randn(103, 3), torch.arange(103))
+    ds = Subset(Subset(base, list(range(3, 100))), list(range(0, 97, 1))[::-1])
+    fast = make_loader(ds, batch_size=8, shuffle=True, seed=5, drop_last=drop_last)
+    slow = make_loader(ds, batch_size=8, shuffle=True, seed=5, drop_last=drop_last, fast=False)
+    assert isinstance(fast, ArrayLoader) and not isinstance(slow, ArrayLoader)
+    for epoch, skip in ((0, 0), (1, 3), (2, 11)):
+        start_epoch(fast, epoch, skip)
+        start_epoch(slow, epoch, skip)
+        a, b = list(fast), list(slow)
+        assert len(a) == len(b) == len(fast) == len(slow)
+        for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)

@@ -17,7 +17,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from kiln.config import Config, dump_config
 from kiln.data.base import DataBundle, DataInfo
-from kiln.data.loader import make_loader
+from kiln.data.loader import ArrayLoader, make_loader
+
+Loader = DataLoader[Any] | ArrayLoader
 
 _IMAGE_MODELS = {"resnet"}
 
@@ -45,9 +47,7 @@ def build_model_for(cfg: Config, info: DataInfo) -> nn.Module:
     return build_model(cfg.model, info)
 
 
-def loader_for(
-    cfg: Config, dataset: Dataset[Any], *, train: bool, device: torch.device
-) -> DataLoader[Any]:
+def loader_for(cfg: Config, dataset: Dataset[Any], *, train: bool, device: torch.device) -> Loader:
     """A train (shuffled, seeded) or eval (in order, no drop_last) loader for ``dataset``."""
     d = cfg.data
     pin = d.pin_memory if isinstance(d.pin_memory, bool) else device.type == "cuda"

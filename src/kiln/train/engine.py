@@ -29,7 +29,6 @@ group, which stays exact when the last batch is smaller).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -101,6 +100,8 @@ class Engine:
         self._scale = 1.0
         self._last_stepped = True
         self._non_blocking = self.device.type == "cuda"
+        self._cpu_as_is = self.device.type == "cpu" and not channels_last
+        self._micro = _MicroStep()
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
 
@@ -126,6 +127,8 @@ class Engine:
 
     def to_device(self, batch: T) -> T:
         """Move a tensor or a (nested) tuple/list/dict of tensors to the device."""
+        if self._cpu_as_is:  # CPU tensors stay as they are: skip the per-step traversal
+            return batch
         return self._move(batch)
 
     def _move(self, obj: Any) -> Any:
@@ -154,24 +157,21 @@ class Engine:
             return self.accumulate
         return min(self.accumulate, n_batches - start)
 
-    @contextlib.contextmanager
     def micro_step(
         self, i: int, n_batches: int | None, *, weight: float | None = None
-    ) -> Iterator[bool]:
-        """Context for one micro-batch; yields whether this micro-step updates the weights.
+    ) -> _MicroStep:
+        """Context for one micro-batch; ``as`` gives whether this micro-step updates the weights.
 
         On non-update micro-steps of a model that has ``no_sync`` (DDP), gradient all-reduce is
         skipped, so there is one all-reduce per update. ``weight`` replaces the default loss
         factor ``1 / group_size``.
         """
-        update = self.is_update(i, n_batches)
+        update = (i + 1) % self.accumulate == 0 or (n_batches is not None and i == n_batches - 1)
         self._scale = weight if weight is not None else 1.0 / self.group_size(i, n_batches)
-        no_sync = getattr(self._wrapped, "no_sync", None)
-        if update or no_sync is None:
-            yield update
-        else:
-            with no_sync():
-                yield update
+        step = self._micro
+        step.update = update
+        step.sync = None if update else getattr(self._wrapped, "no_sync", None)
+        return step
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """Autocast for forward and loss (a no-op in fp32). Keep backward outside it."""
@@ -231,3 +231,25 @@ class Engine:
         self.precision.load_state_dict(state["precision"])
         self.updates = int(state["updates"])
         self.skipped = int(state.get("skipped", 0))
+
+
+class _MicroStep:
+    """The reusable context :meth:`Engine.micro_step` returns (no generator per step)."""
+
+    __slots__ = ("_ctx", "sync", "update")
+
+    def __init__(self) -> None:
+        self.update = True
+        self.sync: Any = None
+        self._ctx: Any = None
+
+    def __enter__(self) -> bool:
+        if self.sync is not None:
+            self._ctx = self.sync()
+            self._ctx.__enter__()
+        return self.update
+
+    def __exit__(self, *exc: object) -> None:
+        if self._ctx is not None:
+            ctx, self._ctx = self._ctx, None
+            ctx.__exit__(*exc)

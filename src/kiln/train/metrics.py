@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import math
-
 from typing import Any
 
 import torch

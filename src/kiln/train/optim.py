@@ -95,12 +95,14 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
                 "model once on a sample batch before building the optimizer"
             )
         exempt = id(p) in norm_ids or p.ndim < 2 or any(n.rsplit(".", 1)[-1] == "bias" for n in ns)
-        decay = not (cfg.no_decay_bias_norm and exempt)
+        # With no weight decay at all the split changes nothing: one group, one fused kernel call.
+        decay = cfg.weight_decay == 0.0 or not (cfg.no_decay_bias_norm and exempt)
         mult = next(
             (m for pat, m in cfg.lr_mult.items() if any(fnmatchcase(n, pat) for n in ns)), 1.0
         )
         if (decay, mult) not in groups:
-            label = ("decay" if decay else "no_decay") + ("" if mult == 1.0 else f" x{mult:g}")
+            kind = "all" if cfg.weight_decay == 0.0 else "decay" if decay else "no_decay"
+            label = kind + ("" if mult == 1.0 else f" x{mult:g}")
             groups[decay, mult] = {
                 "params": [],
                 "lr": cfg.lr * mult,

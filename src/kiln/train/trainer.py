@@ -34,7 +34,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +42,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from kiln.config import Config
 from kiln.data.base import DataBundle
@@ -97,7 +96,7 @@ def accumulation_weights(sizes: Sequence[int], accumulate: int) -> list[float]:
 
 
 def evaluate(
-    model: nn.Module, loader: DataLoader[Any], loss_fn: LossFn, engine: Engine, metrics: TaskMetrics
+    model: nn.Module, loader: Iterable[Any], loss_fn: LossFn, engine: Engine, metrics: TaskMetrics
 ) -> dict[str, float]:
     """Loss and task metrics of ``model`` over ``loader`` (inference mode, one host sync)."""
     was_training = model.training
@@ -284,8 +283,8 @@ class Trainer:
         start_epoch(self.train_loader, epoch, self.batch_in_epoch)
         self.callbacks.fire("on_epoch_start", self, epoch)
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=engine.device)
-        loss_count = 0
+        # Detached losses since the last log: no graph kept, no host sync until logging.
+        losses: list[torch.Tensor] = []
         every_ckpt = cfg.checkpoint.every_n_steps
         sched = self.scheduler
         step_schedule = sched if sched is not None and sched.interval == "step" else None
@@ -297,8 +296,7 @@ class Trainer:
                     out = model(x)
                     loss = loss_fn(out, y)
                 engine.backward(loss)
-            loss_sum += loss.detach()
-            loss_count += 1
+            losses.append(loss.detach())
             self.batch_in_epoch = i + 1
             if not update:
                 continue
@@ -309,9 +307,8 @@ class Trainer:
             self.step += 1
             self.callbacks.fire("on_update_end", self, self.step)
             if log_now:
-                self._log_train(loss_sum / loss_count, grad_norm)
-                loss_sum.zero_()
-                loss_count = 0
+                self._log_train(torch.stack(losses).float().mean(), grad_norm)
+                losses.clear()
             self.progress.update(self.step)
             if every_ckpt and self.step % every_ckpt == 0:
                 self._save()
