@@ -1,0 +1,27 @@
+"""Each benchmark script runs in its --quick mode and prints its ratio table (numbers not judged)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from runners import ROOT, kiln_env
+
+SCRIPTS = ["loop_overhead.py", "import_time.py", "time_to_accuracy.py"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_benchmark_quick_mode_runs(script: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=kiln_env(),
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ratio" in proc.stdout.lower() or "vs import torch" in proc.stdout
+    assert "kiln" in proc.stdout
