@@ -1,4 +1,4 @@
-"""Each benchmark script runs in its --quick mode and prints its ratio table (numbers not judged)."""
+"""Each benchmark script runs in --quick mode and prints its ratio table (numbers not judged)."""
 
 from __future__ import annotations
 
