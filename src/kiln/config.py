@@ -239,7 +239,10 @@ class Config(_Strict):
     allow_fp16_cpu: bool = Field(False, description="run fp16 autocast on CPU (about 100x slower)")
     compile: bool = False
     channels_last: bool = False
-    strategy: Literal["auto", "single"] = "auto"
+    strategy: Literal["auto", "single", "ddp", "fsdp", "dp", "horovod"] = Field(
+        "auto", description="auto: ddp under torchrun with several processes, else single"
+    )
+    sync_batchnorm: bool = False
     resume: str | None = None
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -23,6 +24,8 @@ def run_train(args: list[str], *, print_config: bool = False) -> None:
     from kiln.train.trainer import Trainer
 
     result = Trainer(cfg).fit()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, rank 0 reports
     shown = "  ".join(f"{k} {v:.4f}" for k, v in result.test.items())
     if "acc" in result.test:
         print(f"test accuracy: {result.test['acc'] * 100:.2f}%")

@@ -39,41 +39,76 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 class EpochSampler(Sampler[int]):
-    """Shuffled (or in-order) indices fixed by ``(seed, epoch)``, optionally starting mid-epoch.
+    """Shuffled (or in-order) indices fixed by ``(seed, epoch)``, sharded over ranks, resumable.
+
+    Every rank draws the same global order; after skipping the ``start`` samples already trained
+    on, rank ``r`` of ``world`` takes every ``world``-th index from position ``r``. So the ranks'
+    ``k``-th batches together are the ``k``-th global batch of a single process, whatever the
+    world size: a run can resume on a different number of processes. With ``pad`` the remainder
+    is padded (repeating its first indices) so every rank gets the same count, as DDP requires.
 
     Args:
         n: dataset length.
         shuffle: permute each epoch (else 0..n-1).
         seed: base seed of the permutations.
+        rank: this process's rank.
+        world: number of processes.
+        pad: pad so all ranks get the same number of indices (training); else uneven (eval).
     """
 
-    def __init__(self, n: int, *, shuffle: bool, seed: int = 0) -> None:
+    def __init__(
+        self,
+        n: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        pad: bool = True,
+    ) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank must be in [0, {world}), got {rank}")
         self.n = n
         self.shuffle = shuffle
         self.seed = seed
+        self.rank = rank
+        self.world = world
+        self.pad = pad
         self.epoch = 0
         self.start = 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Select the epoch's order and skip its first ``start`` samples (for resume)."""
+        """Select the epoch's order and skip its first ``start`` samples (global count)."""
         if not 0 <= start <= self.n:
             raise ValueError(f"start must be in [0, {self.n}], got {start}")
         self.epoch = epoch
         self.start = start
 
     def order(self) -> torch.Tensor:
-        """This epoch's remaining indices as a tensor."""
+        """This rank's remaining indices for the epoch, as a tensor."""
         if self.shuffle:
             g = torch.Generator()
             g.manual_seed(epoch_seed(self.seed, self.epoch))
-            return torch.randperm(self.n, generator=g)[self.start :]
-        return torch.arange(self.start, self.n)
+            rest = torch.randperm(self.n, generator=g)[self.start :]
+        else:
+            rest = torch.arange(self.start, self.n)
+        if self.world == 1:
+            return rest
+        short = -len(rest) % self.world
+        if self.pad and short and len(rest):
+            rest = torch.cat([rest, rest.repeat(short // len(rest) + 1)[:short]])
+        return rest[self.rank :: self.world]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.order().tolist())
 
     def __len__(self) -> int:
-        return self.n - self.start
+        rest = self.n - self.start
+        if self.world == 1:
+            return rest
+        if self.pad:
+            return -(-rest // self.world)
+        return len(range(self.rank, rest, self.world))
 
 
 def _passthrough(batch: Any) -> Any:
@@ -154,6 +189,9 @@ def make_loader(
     persistent_workers: bool = False,
     pin_memory: bool = False,
     fast: bool = True,
+    rank: int = 0,
+    world: int = 1,
+    pad: bool = True,
 ) -> DataLoader[Any] | ArrayLoader:
     """A DataLoader over ``dataset`` with an :class:`EpochSampler`.
 
@@ -166,7 +204,7 @@ def make_loader(
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
         raise ValueError("cannot build a loader over an empty dataset")
-    sampler = EpochSampler(n, shuffle=shuffle, seed=seed)
+    sampler = EpochSampler(n, shuffle=shuffle, seed=seed, rank=rank, world=world, pad=pad)
     if fast and is_batched(dataset) and num_workers == 0 and not pin_memory:
         return ArrayLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last)
     generator = torch.Generator()
@@ -186,11 +224,11 @@ def make_loader(
 
 
 def start_epoch(loader: DataLoader[Any] | ArrayLoader, epoch: int, batches_done: int = 0) -> None:
-    """Point ``loader`` at ``epoch``, skipping ``batches_done`` batches already trained on."""
+    """Point ``loader`` at ``epoch``, skipping ``batches_done`` (global) batches already done."""
     sampler = loader.sampler
     if not isinstance(sampler, EpochSampler):
         raise TypeError("start_epoch needs a loader built by kiln.data.make_loader")
-    bs = loader.batch_size or 1
-    sampler.set_epoch(epoch, start=min(batches_done * bs, sampler.n))
+    bs = loader.batch_size or 1  # per rank: the global batch is bs * world
+    sampler.set_epoch(epoch, start=min(batches_done * bs * sampler.world, sampler.n))
     if loader.generator is not None:
         loader.generator.manual_seed(epoch_seed(sampler.seed + 1, epoch))

@@ -47,13 +47,40 @@ def build_model_for(cfg: Config, info: DataInfo) -> nn.Module:
     return build_model(cfg.model, info)
 
 
-def loader_for(cfg: Config, dataset: Dataset[Any], *, train: bool, device: torch.device) -> Loader:
-    """A train (shuffled, seeded) or eval (in order, no drop_last) loader for ``dataset``."""
+def per_rank_batch(cfg: Config, world: int) -> int:
+    """``data.batch_size`` is the global batch; each of ``world`` ranks takes an equal share."""
+    if cfg.data.batch_size % world:
+        raise ValueError(
+            f"data.batch_size={cfg.data.batch_size} (the global batch) does not divide over "
+            f"{world} processes; use a multiple of {world}, e.g. "
+            f"data.batch_size={cfg.data.batch_size // world * world or world}"
+        )
+    return cfg.data.batch_size // world
+
+
+def loader_for(
+    cfg: Config,
+    dataset: Dataset[Any],
+    *,
+    train: bool,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+) -> Loader:
+    """A train (shuffled, seeded, padded shards) or eval (in order, uneven shards) loader.
+
+    Under several processes each rank loads its shard: ``world`` ranks of ``batch_size / world``
+    make the configured global batch.
+    """
     d = cfg.data
     pin = d.pin_memory if isinstance(d.pin_memory, bool) else device.type == "cuda"
+    eval_bs = d.eval_batch_size or d.batch_size
     return make_loader(
         dataset,
-        batch_size=d.batch_size if train else (d.eval_batch_size or d.batch_size),
+        batch_size=per_rank_batch(cfg, world) if train else max(1, eval_bs // world),
+        rank=rank,
+        world=world,
+        pad=train,
         shuffle=train,
         seed=cfg.seed,
         drop_last=d.drop_last if train else False,

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import warnings
 import zipfile
 from pathlib import Path
@@ -193,5 +194,8 @@ class CheckpointManager:
         for name in list(self.index["saved"]):
             if name not in keep:
                 (self.dir / name).unlink(missing_ok=True)
+                shards = self.dir / name.replace(CKPT_SUFFIX, ".dcp")  # FSDP2's shard folder
+                if shards.is_dir():
+                    shutil.rmtree(shards)
                 self.index["saved"].remove(name)
                 self.index["scores"].pop(name, None)

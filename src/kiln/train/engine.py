@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from kiln.train import distributed, parallel
 from kiln.train.precision import Precision
 
 T = TypeVar("T")
@@ -67,6 +68,9 @@ class Engine:
         compile: wrap the model in ``torch.compile``.
         channels_last: use channels-last memory format for 4-D inputs and the model.
         allow_fp16_cpu: see ``precision``.
+        strategy: ``auto`` (ddp under torchrun with several processes, else single),
+            ``single``, ``ddp``, ``fsdp`` or ``dp``; ddp/fsdp join (or create) the process group.
+        sync_batchnorm: convert BatchNorm to SyncBatchNorm under ddp/fsdp.
     """
 
     def __init__(
@@ -80,13 +84,24 @@ class Engine:
         compile: bool = False,
         channels_last: bool = False,
         allow_fp16_cpu: bool = False,
+        strategy: str = "auto",
+        sync_batchnorm: bool = False,
     ) -> None:
         if accumulate < 1:
             raise ValueError(f"accumulate must be >= 1 micro-batches per update, got {accumulate}")
         for name, v in (("clip_norm", clip_norm), ("clip_value", clip_value)):
             if v is not None and not v > 0:
                 raise ValueError(f"{name} must be > 0 (or None to disable), got {v}")
+        self.world = distributed.World.from_env()
+        self.strategy = distributed.resolve_strategy(strategy, self.world)
         self.device = device if isinstance(device, torch.device) else select_device(device)
+        if self.device.type == "cuda" and self.world.size > 1 and self.device.index is None:
+            self.device = torch.device("cuda", self.world.local_rank)
+            torch.cuda.set_device(self.device)
+        self.owns_group = False
+        if self.strategy in ("ddp", "fsdp"):
+            self.owns_group = distributed.init_process_group(self.device, self.world)
+        self.sync_batchnorm = sync_batchnorm
         self.precision = Precision(precision, self.device, allow_fp16_cpu=allow_fp16_cpu)
         self.accumulate = accumulate
         self.clip_norm = clip_norm
@@ -102,6 +117,7 @@ class Engine:
         self._non_blocking = self.device.type == "cuda"
         self._cpu_as_is = self.device.type == "cpu" and not channels_last
         self._micro = _MicroStep()
+        self._fsdp = False
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
 
@@ -119,7 +135,14 @@ class Engine:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.model = model
-        wrapped: nn.Module = model
+        wrapped = parallel.wrap(
+            model,
+            strategy=self.strategy,
+            device=self.device,
+            precision=self.precision.kind,
+            sync_batchnorm=self.sync_batchnorm,
+        )
+        self._fsdp = self.strategy == "fsdp"
         if self.compile:
             wrapped = torch.compile(model)  # type: ignore[assignment]
         self._wrapped = wrapped
@@ -170,7 +193,12 @@ class Engine:
         self._scale = weight if weight is not None else 1.0 / self.group_size(i, n_batches)
         step = self._micro
         step.update = update
-        step.sync = None if update else getattr(self._wrapped, "no_sync", None)
+        if self._fsdp:
+            if self.accumulate > 1:  # FSDP2: reduce-scatter gradients only on update steps
+                self.model.set_requires_gradient_sync(update)  # type: ignore[union-attr,operator]
+            step.sync = None
+        else:
+            step.sync = None if update else getattr(self._wrapped, "no_sync", None)
         return step
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:

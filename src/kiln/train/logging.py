@@ -18,16 +18,21 @@ from typing import Any
 class MetricsLogger:
     """Appends metric dicts to ``metrics.jsonl`` and, optionally, TensorBoard scalars."""
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: Path, *, tensorboard: bool = True, enabled: bool = True) -> None:
         self.path = run_dir / "metrics.jsonl"
-        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+        self._file: Any = None
         self._tb: Any = None
+        if not enabled:  # ranks other than 0 log nothing
+            return
+        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - closed in close()
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(run_dir / "tb"))
 
     def log(self, metrics: dict[str, Any], *, step: int) -> None:
+        if self._file is None:
+            return
         record = {"step": step, "time": round(time.time(), 3), **metrics}
         self._file.write(json.dumps(record, default=_jsonable) + "\n")
         if self._tb is not None:
@@ -36,7 +41,8 @@ class MetricsLogger:
                     self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 

@@ -31,10 +31,17 @@ class TaskMetrics:
         num_classes: classes (classification).
         device: where the metric state lives (the model's device: no host sync per batch).
         top_k: k of the top-k accuracy (reported when num_classes > k).
+        sync: sum the states over all ranks in ``compute`` (each rank saw its own shard).
     """
 
     def __init__(
-        self, task: str, *, num_classes: int | None = None, device: torch.device, top_k: int = 5
+        self,
+        task: str,
+        *,
+        num_classes: int | None = None,
+        device: torch.device,
+        top_k: int = 5,
+        sync: bool = False,
     ) -> None:
         import torchmetrics
         from torchmetrics import classification as tmc
@@ -42,20 +49,22 @@ class TaskMetrics:
 
         self.task = task
         metrics: dict[str, Any] = {}
+        opts: dict[str, Any] = {"sync_on_compute": sync}
         if task == "classification":
             if not num_classes:
                 raise ValueError("classification metrics need num_classes")
-            metrics["acc"] = tmc.MulticlassAccuracy(num_classes, average="micro")
-            metrics["f1_macro"] = tmc.MulticlassF1Score(num_classes, average="macro")
+            metrics["acc"] = tmc.MulticlassAccuracy(num_classes, average="micro", **opts)
+            metrics["f1_macro"] = tmc.MulticlassF1Score(num_classes, average="macro", **opts)
             if num_classes > top_k:
                 metrics[f"top{top_k}_acc"] = tmc.MulticlassAccuracy(
-                    num_classes, top_k=top_k, average="micro"
+                    num_classes, top_k=top_k, average="micro", **opts
                 )
         elif task == "regression":
-            metrics["mse"] = tmr.MeanSquaredError()
-            metrics["mae"] = tmr.MeanAbsoluteError()
+            metrics["mse"] = tmr.MeanSquaredError(**opts)
+            metrics["mae"] = tmr.MeanAbsoluteError(**opts)
         elif task != "lm":
             raise ValueError(f"unknown task {task!r}; allowed: classification, regression, lm")
+        self.sync = sync
         self.metrics = torchmetrics.MetricCollection(metrics).to(device) if metrics else None
         self.device = device
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -75,7 +84,14 @@ class TaskMetrics:
 
     def compute(self) -> dict[str, float]:
         """All metrics as floats (one host sync)."""
-        loss = (self.loss_sum / max(self.count, 1)).item()
+        total = self.loss_sum
+        count = self.count
+        if self.sync:
+            from kiln.train.distributed import all_reduce_sum
+
+            both = all_reduce_sum(torch.stack([total, total.new_tensor(float(count))]))
+            total, count = both[0], int(both[1].item())
+        loss = (total / max(count, 1)).item()
         out = {"loss": loss}
         if self.task == "lm":
             out["perplexity"] = math.exp(min(loss, 700.0))

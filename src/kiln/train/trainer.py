@@ -47,14 +47,14 @@ from kiln.config import Config
 from kiln.data.base import DataBundle
 from kiln.data.loader import batch_sizes, start_epoch
 from kiln.losses import LossFn, build_loss
-from kiln.train import build
+from kiln.train import build, distributed, snapshots
 from kiln.train.callbacks import Callbacks
-from kiln.train.checkpoint import CheckpointManager, load_checkpoint, resolve_checkpoint
+from kiln.train.checkpoint import CheckpointManager, resolve_checkpoint
 from kiln.train.engine import Engine
 from kiln.train.logging import MetricsLogger, Progress
 from kiln.train.metrics import TaskMetrics
 from kiln.train.optim import build_optimizer, build_scheduler
-from kiln.train.reproducibility import rng_state, seed_everything, set_deterministic, set_rng_state
+from kiln.train.reproducibility import seed_everything, set_deterministic
 from kiln.train.weights import save_weights
 
 
@@ -143,6 +143,7 @@ class Trainer:
         self.step = 0  # optimizer updates so far
         self.best: dict[str, float] = {}
         self._stop_reason: str | None = None
+        self._multi = False
         self._setup(model, data, run_dir)
 
     # ------------------------------------------------------------------ setup
@@ -162,21 +163,34 @@ class Trainer:
             compile=cfg.compile,
             channels_last=cfg.channels_last,
             allow_fp16_cpu=cfg.allow_fp16_cpu,
+            strategy=cfg.strategy,
+            sync_batchnorm=cfg.sync_batchnorm,
         )
+        world = self.engine.world
+        self.is_zero = world.is_zero
+        self._multi = world.size > 1
         model = model if model is not None else build.build_model_for(cfg, info)
+        # FSDP2 shards the model in place; a plain copy rebuilds the best weights at the end.
+        self.template = copy.deepcopy(model) if self.engine.strategy == "fsdp" else model
         self.model, _ = self.engine.setup(model)
         self.optimizer = build_optimizer(self.engine.model, cfg.optim)  # type: ignore[arg-type]
         dev = self.engine.device
-        self.train_loader = build.loader_for(cfg, self.data.train, train=True, device=dev)
+        shard = {"rank": world.rank, "world": world.size}
+        # Eval shards only when ranks can evaluate independently (FSDP2's forward is collective).
+        eval_shard = shard if self.engine.strategy != "fsdp" else {}
+        self.train_loader = build.loader_for(cfg, self.data.train, train=True, device=dev, **shard)
         self.val_loader = (
-            build.loader_for(cfg, self.data.val, train=False, device=dev) if self.data.val else None
+            build.loader_for(cfg, self.data.val, train=False, device=dev, **eval_shard)
+            if self.data.val
+            else None
         )
         self.test_loader = (
             build.loader_for(cfg, self.data.test, train=False, device=dev)
             if self.data.test
             else None
         )
-        sizes = batch_sizes(len(self.data.train), cfg.data.batch_size, cfg.data.drop_last)  # type: ignore[arg-type]
+        per_rank = build.per_rank_batch(cfg, world.size)
+        sizes = batch_sizes(len(self.train_loader.sampler), per_rank, cfg.data.drop_last)  # type: ignore[arg-type]
         if not sizes:
             raise ValueError(
                 f"the train split has {len(self.data.train)} examples, fewer than one batch of "  # type: ignore[arg-type]
@@ -195,7 +209,11 @@ class Trainer:
         )
         self.loss_fn = build_loss(cfg.loss, task=info.task)
         self.metrics = TaskMetrics(
-            info.task, num_classes=info.num_classes, device=dev, top_k=cfg.train.top_k
+            info.task,
+            num_classes=info.num_classes,
+            device=dev,
+            top_k=cfg.train.top_k,
+            sync=world.size > 1,
         )
         monitor = cfg.checkpoint.monitor
         if self.val_loader is None and monitor.startswith("val/"):
@@ -205,12 +223,20 @@ class Trainer:
         resume = resolve_checkpoint(cfg.resume) if cfg.resume else None
         if run_dir is not None:
             self.run_dir = Path(run_dir)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
         elif resume is not None:
             self.run_dir = resume.parent.parent
-        else:
-            self.run_dir = build.new_run_dir(cfg.out_dir, cfg.name)
-        build.write_run_files(self.run_dir, cfg, info)
+        elif self.is_zero:
+            earlier = distributed.elastic_run_dir(Path(cfg.out_dir), cfg.name)
+            self.run_dir = earlier or build.new_run_dir(cfg.out_dir, cfg.name)
+        self.run_dir = distributed.broadcast_object(getattr(self, "run_dir", None))
+        restarted = resume is None and distributed.restart_count() > 0
+        if restarted and (self.run_dir / "checkpoints" / "last").is_file():
+            # A worker group restarted by torchrun continues from its last checkpoint.
+            resume = resolve_checkpoint(self.run_dir)
+        if self.is_zero:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            build.write_run_files(self.run_dir, cfg, info)
+            distributed.mark_elastic_run(self.run_dir)
         self.ckpts = CheckpointManager(
             self.run_dir / "checkpoints",
             keep_last=cfg.checkpoint.keep_last,
@@ -218,33 +244,20 @@ class Trainer:
             mode=self.mode,
         )
         if resume is not None:
-            self.load_state_dict(load_checkpoint(resume, map_location=dev))
+            snapshots.restore(self, resume)
 
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue bit for bit (DESIGN.md rule 5)."""
-        return {
-            "model": self.engine.model.state_dict(),  # type: ignore[union-attr]
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-            "engine": self.engine.state_dict(),
-            "rng": rng_state(),
-            "loop": {"epoch": self.epoch, "batch": self.batch_in_epoch, "step": self.step},
-            "best": dict(self.best),
-            "config": self.cfg.model_dump(mode="json"),
-        }
+        """Everything needed to continue bit for bit (DESIGN.md rule 5); see ``snapshots``."""
+        return snapshots.capture(self, self.step)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.engine.model.load_state_dict(state["model"])  # type: ignore[union-attr]
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler and state.get("scheduler"):
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.engine.load_state_dict(state["engine"])
-        set_rng_state(state["rng"])
-        loop = state["loop"]
-        self.epoch, self.batch_in_epoch, self.step = loop["epoch"], loop["batch"], loop["step"]
-        self.best = dict(state.get("best", {}))
+    def _agree_stop(self) -> bool:
+        """Under several processes, stop together when any rank was asked to (one all-reduce)."""
+        flag = torch.tensor([1.0 if self._stop_reason else 0.0], device=self.engine.device)
+        if distributed.all_reduce_max(flag).item() and not self._stop_reason:
+            self._stop_reason = "another rank's stop request"
+        return self._stop_reason is not None
 
     def request_stop(self, reason: str = "request") -> None:
         """Stop after the current update, saving a checkpoint (callbacks may call this)."""
@@ -255,8 +268,11 @@ class Trainer:
     def fit(self) -> FitResult:
         """Train, validate, checkpoint; return the best metrics and the test metrics."""
         cfg = self.cfg
-        self.logger = MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard)
-        progress = Progress(self.total_steps, enabled=cfg.log.progress, initial=self.step)
+        self.logger = MetricsLogger(
+            self.run_dir, tensorboard=cfg.log.tensorboard, enabled=self.is_zero
+        )
+        shown = cfg.log.progress if self.is_zero else False
+        progress = Progress(self.total_steps, enabled=shown, initial=self.step)
         try:
             with self._signals(), progress:
                 self.progress = progress
@@ -274,6 +290,8 @@ class Trainer:
             raise
         finally:
             self.logger.close()
+            if self.engine.owns_group:
+                distributed.destroy()
         self.callbacks.fire("on_fit_end", self, result)
         return result
 
@@ -312,6 +330,8 @@ class Trainer:
             self.progress.update(self.step)
             if every_ckpt and self.step % every_ckpt == 0:
                 self._save()
+            if self._multi and self._agree_stop():
+                break
             if self._stop_reason or self.step >= self.total_steps:
                 break
         if self.batch_in_epoch == n:
@@ -331,7 +351,7 @@ class Trainer:
         self.epoch += 1
         self.batch_in_epoch = 0
         self.logger.log(metrics, step=self.step)
-        if self.verbose:
+        if self.verbose and self.is_zero:
             shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("val/"))
             line = f"epoch {self.epoch}/{cfg.train.epochs}  step {self.step}  {shown}"
             line += f"  ({seconds:.1f}s)"
@@ -366,7 +386,11 @@ class Trainer:
             metric = getattr(self, "_last_train", {}).get(self.monitor)
         if metric is not None and self._is_better(metric):
             self.best = {"step": self.step, self.monitor: metric}
-        path = self.ckpts.save(self.state_dict(), step=self.step, metric=metric)
+        state = self.state_dict()  # a collective under several processes
+        path = self.ckpts.dir / f"step-{self.step}.ckpt"
+        if self.is_zero:
+            path = self.ckpts.save(state, step=self.step, metric=metric)
+        distributed.barrier()  # no rank runs ahead of a checkpoint that is still being written
         self.callbacks.fire("on_checkpoint", self, path)
         return path
 
@@ -378,29 +402,36 @@ class Trainer:
         """Save the best weights as model.safetensors and measure them on the test split."""
         if self.batch_in_epoch or not self.cfg.checkpoint.every_epoch:
             self._save()  # the final position (max_steps mid-epoch, or no epoch checkpoints)
-        best_path = self.ckpts.dir / "best"
-        best_file = self.ckpts.dir / best_path.read_text().strip() if best_path.is_file() else None
-        final = self.engine.model
-        assert final is not None
-        if best_file is not None:
-            final = copy.deepcopy(final)
-            final.load_state_dict(
-                load_checkpoint(best_file, map_location=self.engine.device)["model"]
-            )
-        save_weights(final, self.run_dir / "model.safetensors", self.cfg, self.data.info)
+        best_name = self.ckpts.best_name() if self.is_zero else None
+        best_name = distributed.broadcast_object(best_name)
+        best_file = self.ckpts.dir / best_name if best_name else None
+        final = snapshots.best_weights(self, best_file)
         result = FitResult(self.run_dir, self.step, best_checkpoint=best_file)
-        if self.val_loader is not None:
-            result.val = evaluate(final, self.val_loader, self.loss_fn, self.engine, self.metrics)
-        if self.test_loader is not None:
-            result.test = evaluate(final, self.test_loader, self.loss_fn, self.engine, self.metrics)
-            self.logger.log({f"test/{k}": v for k, v in result.test.items()}, step=self.step)
-        summary = {
-            "steps": self.step,
-            "val": result.val,
-            "test": result.test,
-            "best_checkpoint": str(best_file) if best_file else None,
-        }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if final is not None:  # rank 0: plain weights, evaluated without collectives
+            save_weights(final, self.run_dir / "model.safetensors", self.cfg, self.data.info)
+            metrics = TaskMetrics(
+                self.data.info.task,
+                num_classes=self.data.info.num_classes,
+                device=self.engine.device,
+                top_k=self.cfg.train.top_k,
+                sync=False,
+            )
+            if self.data.val is not None:
+                full_val = build.loader_for(
+                    self.cfg, self.data.val, train=False, device=self.engine.device
+                )
+                result.val = evaluate(final, full_val, self.loss_fn, self.engine, metrics)
+            if self.test_loader is not None:
+                result.test = evaluate(final, self.test_loader, self.loss_fn, self.engine, metrics)
+                self.logger.log({f"test/{k}": v for k, v in result.test.items()}, step=self.step)
+            summary = {
+                "steps": self.step,
+                "val": result.val,
+                "test": result.test,
+                "best_checkpoint": str(best_file) if best_file else None,
+            }
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        result.val, result.test = distributed.broadcast_object((result.val, result.test))
         return result
 
     @contextmanager

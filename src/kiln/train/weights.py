@@ -75,3 +75,44 @@ def load_model(
         model = build_model(cfg.model, DataInfo(**raw))
     st_load(model, str(file), strict=True, device=str(device))
     return model.to(device).eval()
+
+
+def consolidate_checkpoint(
+    checkpoint: str | Path, *, out: str | Path | None = None, model: nn.Module | None = None
+) -> dict[str, torch.Tensor]:
+    """The full model weights of any checkpoint (sharded FSDP2 or not), in one process.
+
+    Optionally writes them as a ``.safetensors`` file (``out``) that :func:`load_model` reads.
+    The model is rebuilt from the checkpoint's config (pass ``model`` for a user's own class).
+
+    Example:
+        >>> w = consolidate_checkpoint("runs/x/checkpoints/step-40.ckpt",
+        ...                            out="runs/x/model-step40.safetensors")  # doctest: +SKIP
+    """
+    from kiln.train import state
+    from kiln.train.checkpoint import load_checkpoint
+
+    path = Path(checkpoint)
+    saved = load_checkpoint(path)
+    cfg = Config.model_validate(saved["config"])
+    run_dir = path.parent.parent
+    info_file = run_dir / "data_info.json"
+    if not info_file.is_file():
+        raise FileNotFoundError(
+            f"{info_file} is missing; the checkpoint must sit in its run's checkpoints/"
+        )
+    raw = json.loads(info_file.read_text())
+    raw["input_shape"] = tuple(raw["input_shape"])
+    info = DataInfo(**raw)
+    if model is None:
+        from kiln.registry import build_model
+
+        model = build_model(cfg.model, info)
+    if "sharded" in saved:
+        weights = state.consolidate(model, path.parent / saved["sharded"])
+    else:
+        model.load_state_dict(saved["model"])
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if out is not None:
+        save_weights(model, out, cfg, info)
+    return weights

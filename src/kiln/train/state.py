@@ -1,0 +1,110 @@
+"""Model + optimizer state for checkpoints, the same way for one process, DDP and FSDP2.
+
+Non-sharded runs save full state dicts keyed by parameter name (``get_state_dict`` with
+``full_state_dict=True``), so a checkpoint written by any world size loads into any other. FSDP2
+runs save sharded with ``torch.distributed.checkpoint`` (every rank writes its shard into
+``step-N.dcp/``) and the rest of the state in ``step-N.ckpt``; DCP reshards on load, so 2 ranks
+can resume on 1 process and back. :func:`consolidate` turns a sharded checkpoint into one full
+state dict (for ``model.safetensors``) in a single process.
+
+Example:
+    >>> import torch
+    >>> m = torch.nn.Linear(2, 2); opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    >>> msd, osd = full_state(m, opt)
+    >>> sorted(msd)
+    ['bias', 'weight']
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _options(full: bool) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=full, cpu_offload=full)
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], Any]:
+    """Full (unsharded, CPU) model and optimizer state dicts keyed by parameter name.
+
+    Under FSDP2 this is a collective: every rank must call it; rank 0 gets the tensors.
+    """
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    return get_state_dict(model, optimizer, options=_options(True))
+
+
+def load_full_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, msd: dict[str, Any], osd: Any
+) -> None:
+    """Load full state dicts (from any world size) into ``model``/``optimizer`` (sharding them)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    if optimizer is None:
+        set_model_state_dict(model, msd, options=_options(True))
+    else:
+        set_state_dict(
+            model, optimizer, model_state_dict=msd, optim_state_dict=osd, options=_options(True)
+        )
+
+
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Every rank writes its shard of model and optimizer state into ``directory`` (DCP)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer, options=_options(False))
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(directory))
+
+
+def load_sharded(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, directory: Path
+) -> None:
+    """Load a DCP checkpoint into ``model``/``optimizer`` with this run's sharding (any world)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    if not directory.is_dir():
+        from kiln.train.checkpoint import CheckpointError
+
+        raise CheckpointError(f"sharded checkpoint folder missing: {directory}")
+    if optimizer is None:
+        msd = get_model_state_dict(model, options=_options(False))
+        _dcp_load(dcp, {"model": msd}, directory)
+        set_model_state_dict(model, msd, options=_options(False))
+        return
+    msd, osd = get_state_dict(model, optimizer, options=_options(False))
+    state: dict[str, Any] = {"model": msd, "optim": osd}
+    _dcp_load(dcp, state, directory)
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=_options(False),
+    )
+
+
+def _dcp_load(dcp: Any, state: dict[str, Any], directory: Path) -> None:
+    with warnings.catch_warnings():
+        # Loading a sharded checkpoint in one process is intended (resume on fewer ranks).
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
+        dcp.load(state, checkpoint_id=str(directory))
+
+
+def consolidate(model: nn.Module, directory: Path) -> dict[str, torch.Tensor]:
+    """The full model state dict of a sharded checkpoint, loaded into ``model`` in one process."""
+    load_sharded(model, None, directory)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
