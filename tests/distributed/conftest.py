@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -39,12 +41,27 @@ def torchrun() -> Callable[..., subprocess.CompletedProcess[str]]:
     def run(
         nproc: int, *args: str, timeout: float = 240, extra: tuple[str, ...] = ()
     ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            torchrun_cmd(nproc, *args, extra=extra),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=kiln_env(),
-        )
+        return run_group(torchrun_cmd(nproc, *args, extra=extra), timeout=timeout)
 
     return run
+
+
+def run_group(cmd: list[str], *, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` in its own process group; on timeout kill the whole group (no orphans)."""
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=kiln_env(),
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(
+            f"timed out after {timeout} s: {' '.join(cmd)}\n{err[-3000:]}"
+        ) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

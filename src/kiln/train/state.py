@@ -41,6 +41,20 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
     return get_state_dict(model, optimizer, options=_options(True))
 
 
+_IMPL_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def _keep_impl(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    return [{k: g[k] for k in _IMPL_KEYS if k in g} for g in optimizer.param_groups]
+
+
+def _restore_impl(optimizer: torch.optim.Optimizer, impl: list[dict[str, Any]]) -> None:
+    # A checkpoint carries the writer's kernel choice (fused for plain CPU tensors); the loader's
+    # parameters may not take it (FSDP2's DTensors have no fused kernel), so keep our own.
+    for g, flags in zip(optimizer.param_groups, impl, strict=True):
+        g.update(flags)
+
+
 def load_full_state(
     model: nn.Module, optimizer: torch.optim.Optimizer | None, msd: dict[str, Any], osd: Any
 ) -> None:
@@ -49,10 +63,12 @@ def load_full_state(
 
     if optimizer is None:
         set_model_state_dict(model, msd, options=_options(True))
-    else:
-        set_state_dict(
-            model, optimizer, model_state_dict=msd, optim_state_dict=osd, options=_options(True)
-        )
+        return
+    impl = _keep_impl(optimizer)
+    set_state_dict(
+        model, optimizer, model_state_dict=msd, optim_state_dict=osd, options=_options(True)
+    )
+    _restore_impl(optimizer, impl)
 
 
 def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
@@ -85,6 +101,7 @@ def load_sharded(
         _dcp_load(dcp, {"model": msd}, directory)
         set_model_state_dict(model, msd, options=_options(False))
         return
+    impl = _keep_impl(optimizer)
     msd, osd = get_state_dict(model, optimizer, options=_options(False))
     state: dict[str, Any] = {"model": msd, "optim": osd}
     _dcp_load(dcp, state, directory)
@@ -95,6 +112,7 @@ def load_sharded(
         optim_state_dict=state["optim"],
         options=_options(False),
     )
+    _restore_impl(optimizer, impl)
 
 
 def _dcp_load(dcp: Any, state: dict[str, Any], directory: Path) -> None:

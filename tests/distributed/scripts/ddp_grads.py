@@ -1,7 +1,6 @@
 """Run under torchrun (2 ranks): DDP gradients through the Engine equal single-process gradients
 on the concatenated batch, and no_sync skips the all-reduce on non-update micro-steps."""
 
-
 import copy
 
 import torch
