@@ -165,7 +165,7 @@ def test_elastic_restart_resumes_from_last_checkpoint(tmp_path: Path) -> None:
     os.kill(workers[-1].pid, signal.SIGKILL)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]
-    assert "restart" in err.lower()
+    assert "exitcode: -9" in err  # the killed worker; torchrun then restarted the group
     assert not list(tmp_path.glob("elastic-*")), "the restarted group must reuse its run dir"
     _ok(run_kiln(*_args(tmp_path, "ref", *more)))
     torch.testing.assert_close(

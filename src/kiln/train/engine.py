@@ -29,6 +29,7 @@ group, which stays exact when the last batch is smaller).
 from __future__ import annotations
 
 import contextlib
+import gc
 from typing import Any, TypeVar
 
 import torch
@@ -245,6 +246,19 @@ class Engine:
     def last_step_taken(self) -> bool:
         """False when the fp16 GradScaler skipped the last update (non-finite grads)."""
         return self._last_stepped
+
+    def close(self) -> None:
+        """Drop the wrapper (DDP's reducer holds the process group), then end a group we created.
+
+        The order matters: destroying the group while a DDP reducer still references it makes
+        gloo's destructor wait on peers that have already left.
+        """
+        self._wrapped = None
+        gc.collect()
+        if self.owns_group:
+            distributed.barrier()
+            distributed.destroy()
+            self.owns_group = False
 
     # ------------------------------------------------------------------ state
 

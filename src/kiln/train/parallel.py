@@ -49,6 +49,11 @@ def wrap(
 ) -> nn.Module:
     """Wrap ``model`` (already on ``device``) for ``strategy``; returns the module to call."""
     if sync_batchnorm and strategy in ("ddp", "fsdp"):
+        if device.type != "cuda":
+            raise ValueError(
+                "sync_batchnorm=true needs CUDA devices (torch's SyncBatchNorm is GPU-only); on "
+                "CPU each rank keeps its own BatchNorm statistics: set sync_batchnorm=false"
+            )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP

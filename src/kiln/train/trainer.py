@@ -287,11 +287,12 @@ class Trainer:
             result = self._finish()
         except BaseException as exc:
             self.callbacks.fire("on_exception", self, exc)
-            raise
+            raise  # a group we created dies with the process (torchrun restarts or ends it)
         finally:
             self.logger.close()
-            if self.engine.owns_group:
-                distributed.destroy()
+        if self.engine.owns_group:
+            self.model = self.engine.model  # type: ignore[assignment]
+            self.engine.close()
         self.callbacks.fire("on_fit_end", self, result)
         return result
 
