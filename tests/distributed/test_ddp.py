@@ -15,7 +15,7 @@ import pytest
 import torch
 from runners import kiln_env, run_kiln
 
-from conftest import SCRIPTS, free_port, torchrun_cmd
+from conftest import SCRIPTS, free_port, run_group, torchrun_cmd
 from kiln.train.checkpoint import load_checkpoint, resolve_checkpoint
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -170,4 +170,44 @@ def test_elastic_restart_resumes_from_last_checkpoint(tmp_path: Path) -> None:
     _ok(run_kiln(*_args(tmp_path, "ref", *more)))
     torch.testing.assert_close(
         _last_weights(tmp_path / "elastic"), _last_weights(tmp_path / "ref"), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_sigterm_under_torchrun_stops_all_ranks_at_one_step(tmp_path: Path) -> None:
+    more = (
+        "strategy=ddp",
+        "train.epochs=8",
+        "checkpoint.every_n_steps=5",
+        "model.kwargs={hidden: [256, 256]}",
+    )
+    proc = subprocess.Popen(
+        torchrun_cmd(2, "-m", "kiln", *_args(tmp_path, "term", *more)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=kiln_env(),
+        start_new_session=True,
+    )
+    last = tmp_path / "term" / "checkpoints" / "last"
+    deadline = time.monotonic() + 120
+    while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before the signal"
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        if "kiln" in " ".join(child.cmdline()):
+            child.send_signal(signal.SIGTERM)  # what a scheduler's preemption does to each worker
+    _, err = proc.communicate(timeout=120)
+    assert "stopped by SIGTERM" in err
+    stopped = load_checkpoint(resolve_checkpoint(tmp_path / "term"))
+    assert stopped["loop"]["step"] < 8 * 7  # it stopped early, with one agreed checkpoint
+    resumed = run_group(
+        torchrun_cmd(
+            2, "-m", "kiln", *_args(tmp_path, "term", *more, f"resume={tmp_path / 'term'}")
+        ),
+        timeout=240,
+    )
+    _ok(resumed)
+    _ok(run_kiln(*_args(tmp_path, "ref", *more)))
+    torch.testing.assert_close(
+        _last_weights(tmp_path / "term"), _last_weights(tmp_path / "ref"), rtol=1e-5, atol=1e-6
     )
