@@ -69,6 +69,11 @@ def test_two_ranks_equal_one_process(torchrun, tmp_path: Path, extra: tuple[str,
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     if "strategy=fsdp" in extra:
         assert list((tmp_path / "multi" / "checkpoints").glob("step-*.dcp/*.distcp"))
+        out = tmp_path / "consolidated.safetensors"
+        _ok(run_kiln("consolidate", str(tmp_path / "multi"), f"--out={out}"))
+        import kiln
+
+        torch.testing.assert_close(kiln.load_model(out).state_dict(), b)
 
 
 @pytest.mark.parametrize(

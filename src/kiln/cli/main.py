@@ -70,6 +70,31 @@ def eval_(
 
 
 @app.command()
+def consolidate(
+    checkpoint: Annotated[str, typer.Argument(help="a run directory or a step-N.ckpt file")],
+    out: Annotated[
+        str | None, typer.Option(help="output .safetensors (default: next to the checkpoint)")
+    ] = None,
+    debug: Debug = False,
+) -> None:
+    """Turn a checkpoint (FSDP2-sharded or not) into one .safetensors weights file."""
+    from kiln.cli.errors import run_cli
+
+    def go() -> None:
+        from pathlib import Path
+
+        from kiln.train.checkpoint import resolve_checkpoint
+        from kiln.train.weights import consolidate_checkpoint
+
+        path = resolve_checkpoint(checkpoint)
+        target = Path(out) if out else path.with_suffix(".safetensors")
+        weights = consolidate_checkpoint(path, out=target)
+        print(f"{len(weights)} tensors from {path} -> {target}")
+
+    run_cli(go, debug=debug)
+
+
+@app.command()
 def env() -> None:
     """Versions, threads and devices: what a bug report needs."""
     from kiln.cli.env import print_env

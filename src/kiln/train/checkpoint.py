@@ -108,7 +108,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
             return _follow(p)
         return p
     if not p.exists():
-        raise CheckpointError(f"resume path not found: {p}")
+        raise CheckpointError(f"checkpoint path not found: {p}")
     for d in (p / "checkpoints", p):
         pointer = d / "last"
         if pointer.is_file():
