@@ -18,10 +18,27 @@ from torch.utils.data import DataLoader, Dataset
 from kiln.config import Config, dump_config
 from kiln.data.base import DataBundle, DataInfo
 from kiln.data.loader import ArrayLoader, make_loader
+from kiln.train.engine import Engine
 
 Loader = DataLoader[Any] | ArrayLoader
 
 _IMAGE_MODELS = {"resnet"}
+
+
+def engine_for(cfg: Config) -> Engine:
+    """The Engine a config describes (joins the process group under ddp/fsdp)."""
+    return Engine(
+        device=cfg.device,
+        precision=cfg.precision,
+        accumulate=cfg.train.accumulate,
+        clip_norm=cfg.train.clip_norm,
+        clip_value=cfg.train.clip_value,
+        compile=cfg.compile,
+        channels_last=cfg.channels_last,
+        allow_fp16_cpu=cfg.allow_fp16_cpu,
+        strategy=cfg.strategy,
+        sync_batchnorm=cfg.sync_batchnorm,
+    )
 
 
 def resolve_layout(cfg: Config) -> str:

@@ -154,18 +154,7 @@ class Trainer:
         set_deterministic(cfg.deterministic)
         self.data = data if data is not None else build.build_data_for(cfg)
         info = self.data.info
-        self.engine = Engine(
-            device=cfg.device,
-            precision=cfg.precision,
-            accumulate=cfg.train.accumulate,
-            clip_norm=cfg.train.clip_norm,
-            clip_value=cfg.train.clip_value,
-            compile=cfg.compile,
-            channels_last=cfg.channels_last,
-            allow_fp16_cpu=cfg.allow_fp16_cpu,
-            strategy=cfg.strategy,
-            sync_batchnorm=cfg.sync_batchnorm,
-        )
+        self.engine = build.engine_for(cfg)
         world = self.engine.world
         self.is_zero = world.is_zero
         self._multi = world.size > 1
