@@ -45,7 +45,7 @@ class StopAt:
 
     def on_update_end(self, trainer: Trainer, step: int) -> None:
         if step == self.step:
-            trainer.request_stop("test")
+            trainer.request_stop("test", interrupt=True)
 
 
 def _final_state(run_dir: Path) -> dict:

@@ -225,3 +225,68 @@ def test_array_loader_yields_the_dataloader_batches(drop_last: bool) -> None:
         assert len(a) == len(b) == len(fast) == len(slow)
         for (xa, ya), (xb, yb) in zip(a, b, strict=True):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+class _EarlyStop:
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict) -> None:
+        if epoch == 1:
+            trainer.request_stop("early stopping")
+
+
+def test_callback_stop_ends_the_run_normally(make_cfg) -> None:
+    trainer = Trainer(make_cfg("train.epochs=5"), callbacks=[_EarlyStop()], verbose=False)
+    result = trainer.fit()
+    assert trainer.epoch == 1
+    assert result.steps == trainer.updates_per_epoch
+    assert (result.run_dir / "model.safetensors").is_file() and result.test
+
+
+def test_max_steps_beyond_epochs_runs_to_max_steps(make_cfg) -> None:
+    trainer = Trainer(make_cfg("train.epochs=1", "train.max_steps=50"), verbose=False)
+    assert trainer.updates_per_epoch < 50
+    assert trainer.fit().steps == 50
+
+
+def test_failed_resume_changes_no_file_and_says_why(make_cfg) -> None:
+    from kiln.train.checkpoint import CheckpointError
+
+    first = Trainer(make_cfg("train.max_steps=3", "name=r"), verbose=False)
+    first.fit()
+    before = (first.run_dir / "config.yaml").read_text()
+    with pytest.raises(CheckpointError, match=r"different model .*shape"):
+        Trainer(make_cfg("model.kwargs.hidden=[8]", f"resume={first.run_dir}"), verbose=False)
+    assert (first.run_dir / "config.yaml").read_text() == before
+
+
+def test_resume_from_a_loose_checkpoint_file_starts_a_new_run(make_cfg, tmp_path: Path) -> None:
+    import shutil
+
+    first = Trainer(make_cfg("train.max_steps=3", "name=orig"), verbose=False)
+    first.fit()
+    loose = tmp_path / "loose" / "copy.ckpt"
+    loose.parent.mkdir()
+    shutil.copy(resolve_checkpoint(first.run_dir), loose)
+    again = Trainer(make_cfg("train.max_steps=5", "name=cont", f"resume={loose}"), verbose=False)
+    assert again.run_dir.name == "cont" and again.step == 3
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def test_padded_shards_resume_with_the_same_tail() -> None:
+    for world in (2, 3):
+        for rank in range(world):
+            s = EpochSampler(11, shuffle=True, seed=0, rank=rank, world=world)
+            full = s.order()
+            per_rank_done = 2
+            s.set_epoch(0, start=per_rank_done * world)
+            assert torch.equal(s.order(), full[per_rank_done:])
+
+
+def test_compile_keeps_the_ddp_wrapper() -> None:
+    from kiln.train.engine import Engine
+
+    engine = Engine(device="cpu", strategy="ddp", compile=True)  # a world of one
+    try:
+        model, _ = engine.setup(torch.nn.Linear(4, 2))
+        assert hasattr(model, "no_sync")  # the compiled module wraps DDP, not the bare model
+    finally:
+        engine.close()

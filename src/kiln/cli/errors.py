@@ -71,8 +71,9 @@ def run_cli(fn: Callable[[], Any], *, debug: bool) -> Any:
             if isinstance(exc, (FileNotFoundError, PermissionError)) and exc.filename:
                 msg = f"{exc.strerror or msg}: {exc.filename}"
             fail(msg.replace("\n", "\n  "))
+        first = (str(exc).strip().splitlines() or [""])[0]
         fail(
-            f"unexpected {type(exc).__name__}: {exc} (this is a bug in Kiln or a user model; "
+            f"unexpected {type(exc).__name__}: {first} (this is a bug in Kiln or a user model; "
             "rerun with --debug for the traceback)",
             code=1,
         )

@@ -13,7 +13,7 @@ def run_eval(run: str, *, split: str = "test", checkpoint: str | None = None) ->
     from kiln.config import load_config
     from kiln.losses import build_loss
     from kiln.train import build
-    from kiln.train.checkpoint import load_checkpoint, resolve_checkpoint
+    from kiln.train.checkpoint import resolve_checkpoint
     from kiln.train.engine import Engine
     from kiln.train.metrics import TaskMetrics, confusion_matrix
     from kiln.train.trainer import evaluate
@@ -36,8 +36,10 @@ def run_eval(run: str, *, split: str = "test", checkpoint: str | None = None) ->
         ckpt_path = resolve_checkpoint(
             run_dir / "checkpoints" / checkpoint if checkpoint in ("last", "best") else checkpoint
         )
+        from kiln.train.weights import consolidate_checkpoint
+
         model = build.build_model_for(cfg, data.info)
-        model.load_state_dict(load_checkpoint(ckpt_path)["model"])
+        model.load_state_dict(consolidate_checkpoint(ckpt_path))  # sharded (FSDP2) or not
     else:
         model = load_model(run_dir)
     model, _ = engine.setup(model)

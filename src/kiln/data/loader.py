@@ -77,10 +77,15 @@ class EpochSampler(Sampler[int]):
         self.epoch = 0
         self.start = 0
 
+    @property
+    def total(self) -> int:
+        """Indices in one epoch over all ranks (``n`` padded up to a multiple of ``world``)."""
+        return -(-self.n // self.world) * self.world if self.pad else self.n
+
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Select the epoch's order and skip its first ``start`` samples (global count)."""
-        if not 0 <= start <= self.n:
-            raise ValueError(f"start must be in [0, {self.n}], got {start}")
+        if not 0 <= start <= self.total:
+            raise ValueError(f"start must be in [0, {self.total}], got {start}")
         self.epoch = epoch
         self.start = start
 
@@ -89,26 +94,21 @@ class EpochSampler(Sampler[int]):
         if self.shuffle:
             g = torch.Generator()
             g.manual_seed(epoch_seed(self.seed, self.epoch))
-            rest = torch.randperm(self.n, generator=g)[self.start :]
+            full = torch.randperm(self.n, generator=g)
         else:
-            rest = torch.arange(self.start, self.n)
+            full = torch.arange(self.n)
         if self.world == 1:
-            return rest
-        short = -len(rest) % self.world
-        if self.pad and short and len(rest):
-            rest = torch.cat([rest, rest.repeat(short // len(rest) + 1)[:short]])
-        return rest[self.rank :: self.world]
+            return full[self.start :]
+        short = self.total - self.n  # pad the whole epoch first: a resumed tail pads the same way
+        if short:
+            full = torch.cat([full, full.repeat(short // self.n + 1)[:short]])
+        return full[self.start :][self.rank :: self.world]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.order().tolist())
 
     def __len__(self) -> int:
-        rest = self.n - self.start
-        if self.world == 1:
-            return rest
-        if self.pad:
-            return -(-rest // self.world)
-        return len(range(self.rank, rest, self.world))
+        return len(range(self.rank, self.total - self.start, self.world))
 
 
 def _passthrough(batch: Any) -> Any:
@@ -229,6 +229,6 @@ def start_epoch(loader: DataLoader[Any] | ArrayLoader, epoch: int, batches_done:
     if not isinstance(sampler, EpochSampler):
         raise TypeError("start_epoch needs a loader built by kiln.data.make_loader")
     bs = loader.batch_size or 1  # per rank: the global batch is bs * world
-    sampler.set_epoch(epoch, start=min(batches_done * bs * sampler.world, sampler.n))
+    sampler.set_epoch(epoch, start=min(batches_done * bs * sampler.world, sampler.total))
     if loader.generator is not None:
         loader.generator.manual_seed(epoch_seed(sampler.seed + 1, epoch))

@@ -144,8 +144,8 @@ class Engine:
             sync_batchnorm=self.sync_batchnorm,
         )
         self._fsdp = self.strategy == "fsdp"
-        if self.compile:
-            wrapped = torch.compile(model)  # type: ignore[assignment]
+        if self.compile:  # compile the DDP/FSDP wrapper too, so its hooks stay in the graph
+            wrapped = torch.compile(wrapped)  # type: ignore[assignment]
         self._wrapped = wrapped
         return wrapped, optimizer
 

@@ -61,6 +61,7 @@ def load_full_state(
     """Load full state dicts (from any world size) into ``model``/``optimizer`` (sharding them)."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
+    _check_shapes(model, msd)
     if optimizer is None:
         set_model_state_dict(model, msd, options=_options(True))
         return
@@ -69,6 +70,34 @@ def load_full_state(
         model, optimizer, model_state_dict=msd, optim_state_dict=osd, options=_options(True)
     )
     _restore_impl(optimizer, impl)
+
+
+def _check_shapes(model: nn.Module, msd: dict[str, Any]) -> None:
+    """Refuse a checkpoint written for another architecture with the keys that differ."""
+    from kiln.train.checkpoint import CheckpointError
+
+    # a DTensor's .shape is the full (global) shape, so this also holds under FSDP2
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items() if hasattr(v, "shape")}
+    saved = {k: tuple(v.shape) for k, v in msd.items() if hasattr(v, "shape")}
+    missing = sorted(own.keys() - saved.keys())
+    unexpected = sorted(saved.keys() - own.keys())
+    mismatched = [
+        f"{k} {saved[k]} vs {own[k]}" for k in own.keys() & saved.keys() if saved[k] != own[k]
+    ]
+    if missing or unexpected or mismatched:
+        parts = [
+            f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
+            for label, items in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("shape (saved vs model)", mismatched),
+            )
+            if items
+        ]
+        raise CheckpointError(
+            "the checkpoint was written for a different model (" + "; ".join(parts) + "); "
+            "resume with the run's own model settings (drop model.* overrides)"
+        )
 
 
 def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:

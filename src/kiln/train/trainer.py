@@ -143,6 +143,7 @@ class Trainer:
         self.step = 0  # optimizer updates so far
         self.best: dict[str, float] = {}
         self._stop_reason: str | None = None
+        self._interrupt = False
         self._multi = False
         self._setup(model, data, run_dir)
 
@@ -212,7 +213,7 @@ class Trainer:
         resume = resolve_checkpoint(cfg.resume) if cfg.resume else None
         if run_dir is not None:
             self.run_dir = Path(run_dir)
-        elif resume is not None:
+        elif resume is not None and resume.parent.name == "checkpoints":
             self.run_dir = resume.parent.parent
         elif self.is_zero:
             earlier = distributed.elastic_run_dir(Path(cfg.out_dir), cfg.name)
@@ -222,6 +223,8 @@ class Trainer:
         if restarted and (self.run_dir / "checkpoints" / "last").is_file():
             # A worker group restarted by torchrun continues from its last checkpoint.
             resume = resolve_checkpoint(self.run_dir)
+        if resume is not None:  # before writing anything: a failed resume changes no file
+            snapshots.restore(self, resume)
         if self.is_zero:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             build.write_run_files(self.run_dir, cfg, info)
@@ -232,8 +235,6 @@ class Trainer:
             keep_best=cfg.checkpoint.keep_best,
             mode=self.mode,
         )
-        if resume is not None:
-            snapshots.restore(self, resume)
 
     # ------------------------------------------------------------------ state
 
@@ -241,16 +242,30 @@ class Trainer:
         """Everything needed to continue bit for bit (DESIGN.md rule 5); see ``snapshots``."""
         return snapshots.capture(self, self.step)
 
-    def _agree_stop(self) -> bool:
-        """Under several processes, stop together when any rank was asked to (one all-reduce)."""
-        flag = torch.tensor([1.0 if self._stop_reason else 0.0], device=self.engine.device)
-        if distributed.all_reduce_max(flag).item() and not self._stop_reason:
-            self._stop_reason = "another rank's stop request"
-        return self._stop_reason is not None
+    def _should_stop(self) -> bool:
+        """Whether to stop now; under several processes all ranks agree (one all-reduce).
 
-    def request_stop(self, reason: str = "request") -> None:
-        """Stop after the current update, saving a checkpoint (callbacks may call this)."""
+        Called at logging steps and epoch ends only, so there is no per-step host sync.
+        """
+        if not self._multi:
+            return self._stop_reason is not None
+        flags = [1.0 if self._stop_reason else 0.0, 1.0 if self._interrupt else 0.0]
+        agreed = distributed.all_reduce_max(torch.tensor(flags, device=self.engine.device))
+        stop, interrupt = (bool(v) for v in agreed.tolist())
+        if stop and not self._stop_reason:
+            self._stop_reason = "another rank's stop request"
+        self._interrupt = interrupt
+        return stop
+
+    def request_stop(self, reason: str = "request", *, interrupt: bool = False) -> None:
+        """Stop at the next logging step or epoch end (callbacks may call this).
+
+        A plain stop (early stopping) ends the run normally: best weights, test metrics,
+        ``on_fit_end``. With ``interrupt=True`` (what SIGINT/SIGTERM do) Kiln saves a checkpoint
+        and raises :class:`TrainingInterrupted`, so the run can be resumed.
+        """
         self._stop_reason = reason
+        self._interrupt = self._interrupt or interrupt
 
     # ------------------------------------------------------------------ the loop
 
@@ -266,17 +281,22 @@ class Trainer:
             with self._signals(), progress:
                 self.progress = progress
                 self.callbacks.fire("on_fit_start", self)
-                while self.epoch < cfg.train.epochs and self.step < self.total_steps:
+                # train.max_steps, when set, decides the length (epochs are then unbounded).
+                while self.step < self.total_steps and (
+                    cfg.train.max_steps or self.epoch < cfg.train.epochs
+                ):
                     self._train_epoch()
-                    if self._stop_reason:
+                    if self._should_stop():
                         break
-            if self._stop_reason:
+            if self._should_stop() and self._interrupt:
                 path = self._save()
-                raise TrainingInterrupted(self._stop_reason, path, self.run_dir)
+                raise TrainingInterrupted(self._stop_reason or "stop", path, self.run_dir)
             result = self._finish()
         except BaseException as exc:
             self.callbacks.fire("on_exception", self, exc)
-            raise  # a group we created dies with the process (torchrun restarts or ends it)
+            if self.engine.owns_group and self.engine.world.size == 1:
+                self.engine.close()  # a private group of one: nothing to wait for
+            raise  # a group shared with other ranks dies with the process (torchrun decides)
         finally:
             self.logger.close()
         if self.engine.owns_group:
@@ -320,9 +340,10 @@ class Trainer:
             self.progress.update(self.step)
             if every_ckpt and self.step % every_ckpt == 0:
                 self._save()
-            if self._multi and self._agree_stop():
-                break
-            if self._stop_reason or self.step >= self.total_steps:
+            # Under several processes a stop is agreed at logging steps (no per-step sync).
+            if self.step >= self.total_steps or (
+                (log_now or not self._multi) and self._should_stop()
+            ):
                 break
         if self.batch_in_epoch == n:
             self._end_epoch(time.perf_counter() - t0)
@@ -361,6 +382,8 @@ class Trainer:
         return val
 
     def _log_train(self, mean_loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        if self._multi:  # every rank logs at the same step: average the ranks' losses
+            mean_loss = distributed.all_reduce_sum(mean_loss.clone()) / self.engine.world.size
         logs = {"train/loss": mean_loss.item(), "lr": self.optimizer.param_groups[0]["lr"]}
         if grad_norm is not None:
             logs["train/grad_norm"] = grad_norm.item()
@@ -435,7 +458,7 @@ class Trainer:
         def handler(signum: int, frame: Any) -> None:
             if self._stop_reason:  # a second Ctrl-C stops at once
                 raise KeyboardInterrupt
-            self._stop_reason = signal.Signals(signum).name
+            self.request_stop(signal.Signals(signum).name, interrupt=True)
 
         old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
