@@ -46,9 +46,9 @@ def torchrun() -> Callable[..., subprocess.CompletedProcess[str]]:
     return run
 
 
-def run_group(cmd: list[str], *, timeout: float) -> subprocess.CompletedProcess[str]:
-    """Run ``cmd`` in its own process group; on timeout kill the whole group (no orphans)."""
-    proc = subprocess.Popen(
+def start_group(cmd: list[str]) -> subprocess.Popen[str]:
+    """Start ``cmd`` in its own process group (see :func:`finish_group`)."""
+    return subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -56,6 +56,18 @@ def run_group(cmd: list[str], *, timeout: float) -> subprocess.CompletedProcess[
         env=kiln_env(),
         start_new_session=True,
     )
+
+
+def run_group(cmd: list[str], *, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` in its own process group; on timeout kill the whole group (no orphans)."""
+    return finish_group(start_group(cmd), timeout=timeout)
+
+
+def finish_group(
+    proc: subprocess.Popen[str], *, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Wait for ``proc``; on timeout kill its whole process group and fail the test."""
+    cmd = proc.args if isinstance(proc.args, list) else [str(proc.args)]
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

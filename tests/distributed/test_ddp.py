@@ -13,9 +13,9 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from runners import kiln_env, run_kiln
+from runners import run_kiln
 
-from conftest import SCRIPTS, free_port, run_group, torchrun_cmd
+from conftest import SCRIPTS, finish_group, free_port, run_group, start_group, torchrun_cmd
 from kiln.train.checkpoint import load_checkpoint, resolve_checkpoint
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -106,32 +106,27 @@ def test_resume_across_world_sizes(torchrun, tmp_path: Path, first, second) -> N
 
 def test_two_nodes_on_localhost(tmp_path: Path) -> None:
     port = free_port()
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes=2",
-                "--nproc-per-node=1",
-                f"--node-rank={rank}",
-                "--rdzv-backend=c10d",
-                f"--rdzv-endpoint=127.0.0.1:{port}",
-                "--rdzv-id=kiln-test",
-                "-m",
-                "kiln",
-                *_args(tmp_path, "nodes", "strategy=ddp"),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=kiln_env(),
-        )
+    cmds = [
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            "--nproc-per-node=1",
+            f"--node-rank={rank}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}",
+            "--rdzv-id=kiln-test",
+            "-m",
+            "kiln",
+            *_args(tmp_path, "nodes", "strategy=ddp"),
+        ]
         for rank in range(2)
     ]
-    outs = [p.communicate(timeout=240) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
-    assert sum(o.count("run directory:") for o, _ in outs) == 1
+    procs = [start_group(c) for c in cmds]
+    done = [finish_group(p, timeout=240) for p in procs]
+    assert [d.returncode for d in done] == [0, 0], done[0].stderr[-2000:] + done[1].stderr[-2000:]
+    assert sum(d.stdout.count("run directory:") for d in done) == 1
     _ok(run_kiln(*_args(tmp_path, "single")))
     torch.testing.assert_close(
         _last_weights(tmp_path / "nodes"), _last_weights(tmp_path / "single"), rtol=1e-5, atol=1e-6
@@ -154,9 +149,7 @@ def test_elastic_restart_resumes_from_last_checkpoint(tmp_path: Path) -> None:
     cmd = torchrun_cmd(
         2, "-m", "kiln", *_args(tmp_path, "elastic", *more), extra=("--max-restarts=2",)
     )
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=kiln_env()
-    )
+    proc = start_group(cmd)
     last = tmp_path / "elastic" / "checkpoints" / "last"
     deadline = time.monotonic() + 120
     while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
@@ -168,8 +161,9 @@ def test_elastic_restart_resumes_from_last_checkpoint(tmp_path: Path) -> None:
     ]
     assert workers and proc.poll() is None, "the run ended before the kill"
     os.kill(workers[-1].pid, signal.SIGKILL)
-    _, err = proc.communicate(timeout=240)
-    assert proc.returncode == 0, err[-3000:]
+    done = finish_group(proc, timeout=240)
+    err = done.stderr
+    assert done.returncode == 0, err[-3000:]
     assert "exitcode: -9" in err  # the killed worker; torchrun then restarted the group
     assert not list(tmp_path.glob("elastic-*")), "the restarted group must reuse its run dir"
     _ok(run_kiln(*_args(tmp_path, "ref", *more)))
@@ -185,14 +179,7 @@ def test_sigterm_under_torchrun_stops_all_ranks_at_one_step(tmp_path: Path) -> N
         "checkpoint.every_n_steps=5",
         "model.kwargs={hidden: [256, 256]}",
     )
-    proc = subprocess.Popen(
-        torchrun_cmd(2, "-m", "kiln", *_args(tmp_path, "term", *more)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=kiln_env(),
-        start_new_session=True,
-    )
+    proc = start_group(torchrun_cmd(2, "-m", "kiln", *_args(tmp_path, "term", *more)))
     last = tmp_path / "term" / "checkpoints" / "last"
     deadline = time.monotonic() + 120
     while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
@@ -201,7 +188,7 @@ def test_sigterm_under_torchrun_stops_all_ranks_at_one_step(tmp_path: Path) -> N
     for child in psutil.Process(proc.pid).children(recursive=True):
         if "kiln" in " ".join(child.cmdline()):
             child.send_signal(signal.SIGTERM)  # what a scheduler's preemption does to each worker
-    _, err = proc.communicate(timeout=120)
+    err = finish_group(proc, timeout=120).stderr
     assert "stopped by SIGTERM" in err
     stopped = load_checkpoint(resolve_checkpoint(tmp_path / "term"))
     assert stopped["loop"]["step"] < 8 * 7  # it stopped early, with one agreed checkpoint

@@ -126,7 +126,12 @@ def test_cli_killed_mid_epoch_resumes_bit_identical(tmp_path: Path, sig: signal.
 
     proc = popen_kiln(*_cli_cfg(tmp_path, "killed"))
     run_dir = tmp_path / "killed"
-    _wait_for_checkpoint(proc, run_dir)
+    try:
+        _wait_for_checkpoint(proc, run_dir)
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     if sig == signal.SIGKILL:
