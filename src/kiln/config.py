@@ -200,7 +200,9 @@ class TrainConfig(_Strict):
     """The loop: length, accumulation, clipping, logging cadence."""
 
     epochs: int = Field(10, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="stop after this many updates")
+    max_steps: int | None = Field(
+        None, ge=1, description="train exactly this many updates (overrides epochs)"
+    )
     accumulate: int = Field(1, ge=1, description="micro-batches per optimizer update")
     clip_norm: float | None = Field(None, gt=0.0)
     clip_value: float | None = Field(None, gt=0.0)
