@@ -190,7 +190,7 @@ class Engine:
         skipped, so there is one all-reduce per update. ``weight`` replaces the default loss
         factor ``1 / group_size``.
         """
-        update = (i + 1) % self.accumulate == 0 or (n_batches is not None and i == n_batches - 1)
+        update = self.is_update(i, n_batches)
         self._scale = weight if weight is not None else 1.0 / self.group_size(i, n_batches)
         step = self._micro
         step.update = update
