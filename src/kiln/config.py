@@ -27,10 +27,15 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "EMAConfig",
+    "EarlyStopConfig",
+    "FreezeConfig",
     "LogConfig",
     "LossConfig",
+    "MixConfig",
     "ModelConfig",
     "OptimConfig",
+    "SWAConfig",
     "SchedulerConfig",
     "SyntheticConfig",
     "TextConfig",
@@ -130,6 +135,12 @@ class ModelConfig(_Strict):
     name: str = "mlp"
     target: str | None = Field(None, description="'pkg.module:Class' of a user nn.Module")
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    drop_path: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="stochastic depth: drop rate of the deepest residual block (linear rule)",
+    )
 
     @field_validator("target")
     @classmethod
@@ -209,6 +220,92 @@ class TrainConfig(_Strict):
     log_every: int = Field(50, ge=1, description="updates between logged train metrics")
     val_every: int = Field(1, ge=1, description="epochs between validations")
     top_k: int = Field(5, ge=1, description="k for the top-k accuracy metric")
+    activation_checkpointing: bool | list[str] = Field(
+        False,
+        description="recompute activations in backward: true = the model's blocks, "
+        "or a list of module-name globs / class names",
+    )
+    auto_microbatch: bool = Field(
+        False,
+        description="on out-of-memory, halve the micro-batch and double accumulation "
+        "(same effective batch and result)",
+    )
+    nonfinite: Literal["stop", "skip", "rollback", "ignore"] = Field(
+        "stop",
+        description="on a NaN/Inf loss or gradient: stop (save, name the module), skip the "
+        "update, rollback (reload the last checkpoint, lower the LR), or ignore",
+    )
+    rollback_lr_factor: float = Field(0.5, gt=0.0, lt=1.0)
+    max_rollbacks: int = Field(3, ge=1)
+
+
+class MixConfig(_Strict):
+    """Mixup / CutMix on training batches (classification only).
+
+    Enabled by a positive alpha. With both on, each mixed batch is CutMix with probability
+    ``switch_prob``, else Mixup.
+    """
+
+    mixup_alpha: float = Field(0.0, ge=0.0, description="Beta(alpha, alpha) for Mixup; 0 = off")
+    cutmix_alpha: float = Field(0.0, ge=0.0, description="Beta(alpha, alpha) for CutMix; 0 = off")
+    prob: float = Field(1.0, ge=0.0, le=1.0, description="chance that a batch is mixed at all")
+    switch_prob: float = Field(0.5, ge=0.0, le=1.0, description="CutMix share when both are on")
+    off_last_epochs: int = Field(0, ge=0, description="train the last N epochs unmixed")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+
+class EMAConfig(_Strict):
+    """Exponential moving average of the weights, validated, checkpointed and exported."""
+
+    enabled: bool = False
+    decay: float = Field(0.999, gt=0.0, lt=1.0)
+    warmup: bool = Field(True, description="ramp the decay up as (1 + n) / (10 + n)")
+    every: int = Field(1, ge=1, description="optimizer updates between EMA updates")
+    evaluate: bool = Field(
+        True, description="validate, select the best and save model.safetensors with EMA weights"
+    )
+
+
+class SWAConfig(_Strict):
+    """Stochastic Weight Averaging (torch.optim.swa_utils): the final model is the average."""
+
+    enabled: bool = False
+    start_epoch: int | None = Field(
+        None, ge=0, description="first averaged epoch (0-based); default: the last 25% of epochs"
+    )
+    lr: float | None = Field(None, gt=0.0, description="SWA learning rate; default: optim.lr / 10")
+    anneal_epochs: int = Field(1, ge=0)
+    anneal_strategy: Literal["cos", "linear"] = "cos"
+    update_bn: bool = Field(True, description="recompute BatchNorm statistics of the average")
+
+
+class FreezeConfig(_Strict):
+    """Freeze parameters by name glob, and unfreeze them group by group at chosen epochs.
+
+    A pattern matches a parameter name (``fnmatch``) or a module name (the parameter's prefix),
+    so ``stem`` and ``stem.*`` both freeze every parameter under ``stem``.
+    """
+
+    modules: list[str] = Field(default_factory=list, description="frozen from the start")
+    unfreeze_at: dict[int, list[str]] = Field(
+        default_factory=dict, description="epoch (0-based) -> patterns unfrozen at its start"
+    )
+    bn_eval: bool = Field(
+        True, description="keep BatchNorm layers whose weights are frozen in eval"
+    )
+
+
+class EarlyStopConfig(_Strict):
+    """Stop when the monitored metric has not improved for ``patience`` validations."""
+
+    enabled: bool = False
+    monitor: str | None = Field(None, description="default: checkpoint.monitor")
+    mode: Literal["auto", "min", "max"] = "auto"
+    patience: int = Field(5, ge=1)
+    min_delta: float = Field(0.0, ge=0.0)
 
 
 class CheckpointConfig(_Strict):
@@ -252,6 +349,11 @@ class Config(_Strict):
     scheduler: SchedulerConfig = SchedulerConfig()
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
+    mix: MixConfig = MixConfig()
+    ema: EMAConfig = EMAConfig()
+    swa: SWAConfig = SWAConfig()
+    freeze: FreezeConfig = FreezeConfig()
+    early_stop: EarlyStopConfig = EarlyStopConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
 

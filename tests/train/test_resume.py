@@ -66,7 +66,8 @@ def test_resume_mid_epoch_is_bit_identical(make_cfg, tmp_path: Path) -> None:
     with pytest.raises(TrainingInterrupted) as info:
         first.fit()
     saved = load_checkpoint(info.value.checkpoint)
-    assert saved["loop"] == {"epoch": 1, "batch": n_batches // 2, "step": stop_at}
+    loop = {k: saved["loop"][k] for k in ("epoch", "batch", "step")}
+    assert loop == {"epoch": 1, "batch": n_batches // 2, "step": stop_at}
 
     resumed = Trainer(make_cfg(*RESUME_OVERRIDES, f"resume={first.run_dir}"), verbose=False)
     assert resumed.run_dir == first.run_dir and resumed.step == stop_at

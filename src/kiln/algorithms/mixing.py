@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "BatchMixer",
     "MixedBatch",
     "cutmix_batch",
     "mixup_batch",
@@ -281,6 +282,97 @@ def smooth_soft(soft: torch.Tensor, smoothing: float) -> torch.Tensor:
             f"shape {tuple(soft.shape)}"
         )
     return soft * (1.0 - smoothing) + smoothing / soft.shape[-1]
+
+
+class BatchMixer:
+    """Mixup and/or CutMix for a training loop, with all randomness in one generator.
+
+    Per batch: with probability ``prob`` the batch is mixed; when both methods are on, CutMix
+    is chosen with probability ``switch_prob``, else Mixup. Batches of the last
+    ``off_last_epochs`` epochs (of ``epochs``) pass through unmixed, with hard targets.
+    Mixed batches get soft targets ``[N, C]``; ``F.cross_entropy`` takes them as they are
+    (with ``label_smoothing`` applied to them, like :func:`smooth_soft`).
+
+    The generator's state is part of :meth:`state_dict`, so a resumed run draws the same
+    ``lam``, permutations and boxes as an uninterrupted one.
+
+    Args:
+        num_classes: Number of classes ``C``.
+        mixup_alpha: Beta concentration for Mixup; 0 disables it.
+        cutmix_alpha: Beta concentration for CutMix; 0 disables it (needs 4-D images).
+        prob: Chance that a batch is mixed at all.
+        switch_prob: Chance of CutMix when both are on.
+        off_last_epochs: Train the last N epochs without mixing.
+        epochs: Total epochs (for ``off_last_epochs``).
+        seed: Seed of the private generator (add the rank under several processes).
+
+    Example:
+        >>> mixer = BatchMixer(10, mixup_alpha=0.2, seed=0)
+        >>> x, y = mixer(torch.randn(8, 64), torch.randint(0, 10, (8,)), epoch=0)
+        >>> y.shape
+        torch.Size([8, 10])
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        prob: float = 1.0,
+        switch_prob: float = 0.5,
+        off_last_epochs: int = 0,
+        epochs: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        for a in (mixup_alpha, cutmix_alpha):
+            if a != 0:
+                _check_alpha(a)
+        if mixup_alpha == 0 and cutmix_alpha == 0:
+            raise ValueError("BatchMixer needs mixup_alpha > 0 or cutmix_alpha > 0")
+        for name, v in (("prob", prob), ("switch_prob", switch_prob)):
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {v}")
+        if off_last_epochs and epochs is None:
+            raise ValueError("off_last_epochs needs epochs (the run's length)")
+        self.num_classes = num_classes
+        self.mixup_alpha, self.cutmix_alpha = float(mixup_alpha), float(cutmix_alpha)
+        self.prob, self.switch_prob = float(prob), float(switch_prob)
+        self.last_epoch = (epochs - off_last_epochs) if off_last_epochs and epochs else None
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def active(self, epoch: int) -> bool:
+        """Whether batches of ``epoch`` (0-based) may be mixed."""
+        return self.last_epoch is None or epoch < self.last_epoch
+
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor, *, epoch: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets for one training batch (soft targets when mixed)."""
+        if not self.active(epoch):
+            return x, y
+        g = self.generator
+        if self.prob < 1.0 and float(torch.rand((), generator=g)) >= self.prob:
+            return x, y
+        use_cutmix = self.cutmix_alpha > 0 and (
+            self.mixup_alpha == 0 or float(torch.rand((), generator=g)) < self.switch_prob
+        )
+        if use_cutmix:
+            out = cutmix_batch(
+                x, y, alpha=self.cutmix_alpha, num_classes=self.num_classes, generator=g
+            )
+        else:
+            out = mixup_batch(
+                x, y, alpha=self.mixup_alpha, num_classes=self.num_classes, generator=g
+            )
+        return out.inputs, out.targets
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The generator state (a uint8 tensor), loadable with ``weights_only=True``."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
 
 
 def _check_alpha(alpha: float) -> None:

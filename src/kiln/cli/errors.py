@@ -34,6 +34,10 @@ def _expected() -> tuple[type[BaseException], ...]:
         from kiln.train.checkpoint import CheckpointError
 
         kinds.append(CheckpointError)
+    if "kiln.train.guard" in sys.modules:
+        from kiln.train.guard import NonFiniteError
+
+        kinds.append(NonFiniteError)
     return tuple(kinds)
 
 

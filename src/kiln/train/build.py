@@ -61,7 +61,15 @@ def build_model_for(cfg: Config, info: DataInfo) -> nn.Module:
     """The model a config describes, sized from the data."""
     from kiln.registry import build_model
 
-    return build_model(cfg.model, info)
+    model_cfg = cfg.model
+    if model_cfg.drop_path > 0:
+        if "drop_path" in model_cfg.kwargs:
+            raise ValueError(
+                "set stochastic depth once: model.drop_path or model.kwargs.drop_path, not both"
+            )
+        kwargs = {**model_cfg.kwargs, "drop_path": model_cfg.drop_path}
+        model_cfg = model_cfg.model_copy(update={"kwargs": kwargs})
+    return build_model(model_cfg, info)
 
 
 def per_rank_batch(cfg: Config, world: int) -> int:

@@ -174,6 +174,11 @@ class CheckpointManager:
         atomic_write(self.index_path, lambda f: f.write(json.dumps(self.index).encode()))
         return path
 
+    def last(self) -> Path | None:
+        """The most recently saved checkpoint file, or None before the first save."""
+        saved = self.index["saved"]
+        return self.dir / saved[-1] if saved and (self.dir / saved[-1]).is_file() else None
+
     def best_name(self) -> str | None:
         scores: dict[str, float] = self.index["scores"]
         if not scores:

@@ -182,15 +182,22 @@ class Engine:
         return min(self.accumulate, n_batches - start)
 
     def micro_step(
-        self, i: int, n_batches: int | None, *, weight: float | None = None
+        self,
+        i: int,
+        n_batches: int | None,
+        *,
+        weight: float | None = None,
+        update: bool | None = None,
     ) -> _MicroStep:
         """Context for one micro-batch; ``as`` gives whether this micro-step updates the weights.
 
         On non-update micro-steps of a model that has ``no_sync`` (DDP), gradient all-reduce is
         skipped, so there is one all-reduce per update. ``weight`` replaces the default loss
-        factor ``1 / group_size``.
+        factor ``1 / group_size``; ``update`` overrides the update decision (a loader batch
+        split into several micro-batches updates on its last piece only).
         """
-        update = self.is_update(i, n_batches)
+        if update is None:
+            update = self.is_update(i, n_batches)
         self._scale = weight if weight is not None else 1.0 / self.group_size(i, n_batches)
         step = self._micro
         step.update = update
@@ -211,6 +218,18 @@ class Engine:
         if self._scale != 1.0:
             loss = loss * self._scale
         self.precision.backward(loss)
+
+    def grad_norm(self, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """Total L2 norm of the current gradients (a device tensor; no host sync).
+
+        Under fp16 the gradients are still scaled here; non-finite values stay non-finite.
+        """
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.device)
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        full = getattr(norm, "full_tensor", None)  # FSDP2: a DTensor over the shards
+        return full() if full is not None else norm
 
     def optimizer_step(
         self, optimizer: torch.optim.Optimizer, *, grad_norm: bool = False

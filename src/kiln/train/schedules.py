@@ -45,7 +45,7 @@ from torch.optim.lr_scheduler import (
 
 from kiln.config import SchedulerConfig
 
-__all__ = ["Interval", "Schedule", "build_scheduler"]
+__all__ = ["Interval", "Schedule", "build_scheduler", "scale_lrs"]
 
 Interval = Literal["step", "epoch", "plateau"]
 
@@ -367,3 +367,27 @@ def _refuse_unused(cfg: SchedulerConfig) -> None:
             f"(it reads only: {', '.join(users)}); remove the setting or pick a schedule "
             "that uses it"
         )
+
+
+_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
+
+
+def scale_lrs(optimizer: Optimizer, schedule: Schedule | None, factor: float) -> None:
+    """Multiply every learning rate, now and for the rest of the schedule, by ``factor``.
+
+    Scales each group's LR entries (``lr`` and the ``initial_lr``/``max_lr``/``min_lr`` that
+    schedules compute from) and the schedule's base LRs, so closed-form and chained schedules
+    alike continue at the lower level. Used by the non-finite ``rollback`` policy.
+    """
+    if not factor > 0:
+        raise ValueError(f"LR scale factor must be > 0, got {factor}")
+    for group in optimizer.param_groups:
+        for key in _LR_KEYS:
+            if isinstance(group.get(key), (int, float)):
+                group[key] = group[key] * factor
+    if schedule is not None:
+        inner = schedule.scheduler
+        if hasattr(inner, "base_lrs"):
+            inner.base_lrs = [lr * factor for lr in inner.base_lrs]
+        if hasattr(inner, "_last_lr"):
+            inner._last_lr = [float(g["lr"]) for g in optimizer.param_groups]

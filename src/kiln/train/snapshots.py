@@ -38,7 +38,16 @@ def capture(trainer: Trainer, step: int) -> dict[str, Any]:
         "scheduler": trainer.scheduler.state_dict() if trainer.scheduler else None,
         "engine": trainer.engine.state_dict(),
         "rng": distributed.all_gather_object(rng_state()),
-        "loop": {"epoch": trainer.epoch, "batch": trainer.batch_in_epoch, "step": trainer.step},
+        "loop": {
+            "epoch": trainer.epoch,
+            "batch": trainer.batch_in_epoch,
+            "step": trainer.step,
+            "micro": trainer.micro,
+            "lr_scale": trainer.lr_scale,
+            "rollbacks": trainer.rollbacks,
+            "nonfinite_skipped": trainer.nonfinite_skipped,
+        },
+        "techniques": trainer.tech.state_dict(),
         "best": dict(trainer.best),
         "world_size": trainer.engine.world.size,
         "config": trainer.cfg.model_dump(mode="json"),
@@ -57,6 +66,10 @@ def restore(trainer: Trainer, path: Path) -> None:
     saved = load_checkpoint(path, map_location="cpu")
     model = trainer.engine.model
     assert model is not None
+    if trainer.tech.freezer is not None:
+        # The trained set at the saved epoch, before the optimizer state (which covers exactly
+        # the parameters that had gradients then) is loaded.
+        trainer.tech.freezer.apply(model, saved["loop"]["epoch"])
     if "sharded" in saved:
         state.load_sharded(model, trainer.optimizer, path.parent / saved["sharded"])
     else:
@@ -70,7 +83,12 @@ def restore(trainer: Trainer, path: Path) -> None:
     set_rng_state(rngs[rank] if len(rngs) == trainer.engine.world.size else rngs[0])
     loop = saved["loop"]
     trainer.epoch, trainer.batch_in_epoch, trainer.step = loop["epoch"], loop["batch"], loop["step"]
+    trainer.micro = int(loop.get("micro", 1))
+    trainer.lr_scale = float(loop.get("lr_scale", 1.0))
+    trainer.rollbacks = int(loop.get("rollbacks", 0))
+    trainer.nonfinite_skipped = int(loop.get("nonfinite_skipped", 0))
     trainer.best = dict(saved.get("best", {}))
+    trainer.tech.load_state_dict(saved.get("techniques", {}), trainer.optimizer)
 
 
 def best_weights(trainer: Trainer, best_file: Path | None) -> nn.Module | None:
@@ -93,7 +111,13 @@ def best_weights(trainer: Trainer, best_file: Path | None) -> nn.Module | None:
         return None
     plain = copy.deepcopy(model)
     if best_file is not None:
-        plain.load_state_dict(
-            load_checkpoint(best_file, map_location=trainer.engine.device)["model"]
-        )
+        saved = load_checkpoint(best_file, map_location=trainer.engine.device)
+        plain.load_state_dict(saved["model"])
+        ema_state = saved.get("techniques", {}).get("ema")
+        if ema_state is not None and trainer.cfg.ema.evaluate:
+            from kiln.algorithms.ema import EMA  # the best checkpoint's EMA weights
+
+            ema = EMA(plain)
+            ema.load_state_dict(ema_state)
+            ema.copy_to(plain)
     return plain

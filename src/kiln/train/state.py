@@ -66,6 +66,12 @@ def load_full_state(
         set_model_state_dict(model, msd, options=_options(True))
         return
     impl = _keep_impl(optimizer)
+    saved_groups = osd.get("param_groups", []) if isinstance(osd, dict) else []
+    for group, saved in zip(optimizer.param_groups, saved_groups, strict=False):
+        # Keys a schedule added during the run (SWALR's swa_lr) must exist before loading.
+        for key, value in saved.items():
+            if key not in group and key != "params":
+                group[key] = value
     set_state_dict(
         model, optimizer, model_state_dict=msd, optim_state_dict=osd, options=_options(True)
     )

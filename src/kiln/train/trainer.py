@@ -6,16 +6,22 @@
     on_fit_start
     for epoch in epochs:                       (resumes mid-epoch at the saved batch)
         on_epoch_start
+        freeze/unfreeze for this epoch; SWA takes over the LR from its start epoch
         for i, (x, y) in loader:               (order fixed by seed and epoch)
-            with engine.micro_step(i):          (no_sync unless this micro-step updates)
-                with engine.autocast(): out = model(x); loss = loss_fn(out, y)
-                engine.backward(loss)           (scaled by the group factor)
+            x, y = mixer(x, y)                  (mixup/cutmix: soft targets)
+            for each micro-batch of (x, y):     (one, unless auto-microbatch split it)
+                with engine.micro_step(i):      (no_sync unless this micro-step updates)
+                    with engine.autocast(): out = model(x); loss = loss_fn(out, y)
+                    engine.backward(loss)       (scaled by the group factor)
             if update:
+                non-finite loss/grads?          (train.nonfinite: stop | skip | rollback)
                 engine.optimizer_step()         (unscale -> clip -> step -> scaler -> zero_grad)
-                scheduler.step()                (per-update schedules)
+                ema.update(); scheduler.step()  (per-update schedules)
                 on_update_end; every log_every: on_log; every N steps: save -> on_checkpoint
-        epoch schedulers; validate -> on_validation_end; save -> on_checkpoint; on_epoch_end
-    best weights -> model.safetensors; test metrics -> summary.json; on_fit_end
+        swa.update; epoch schedulers; validate (EMA weights) -> on_validation_end;
+        early stopping; save -> on_checkpoint; on_epoch_end
+    best (EMA) weights or the SWA average -> model.safetensors; test metrics -> summary.json;
+    on_fit_end
     on any exception: on_exception, then re-raise (SIGINT/SIGTERM save a checkpoint first)
 
 Example:
@@ -43,6 +49,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from kiln.algorithms.early_stopping import EarlyStopping
+from kiln.algorithms.nonfinite import nonfinite_grads
 from kiln.config import Config
 from kiln.data.base import DataBundle
 from kiln.data.loader import batch_sizes, start_epoch
@@ -51,10 +59,13 @@ from kiln.train import build, distributed, snapshots
 from kiln.train.callbacks import Callbacks
 from kiln.train.checkpoint import CheckpointManager, resolve_checkpoint
 from kiln.train.engine import Engine
+from kiln.train.guard import NonFiniteError, describe_nonfinite
 from kiln.train.logging import MetricsLogger, Progress
 from kiln.train.metrics import TaskMetrics
 from kiln.train.optim import build_optimizer, build_scheduler
 from kiln.train.reproducibility import seed_everything, set_deterministic
+from kiln.train.schedules import scale_lrs
+from kiln.train.techniques import Techniques, check_techniques
 from kiln.train.weights import save_weights
 
 
@@ -75,6 +86,7 @@ class FitResult:
     val: dict[str, float] = field(default_factory=dict)  # best validation metrics
     test: dict[str, float] = field(default_factory=dict)  # test metrics of the best weights
     best_checkpoint: Path | None = None
+    stopped: str | None = None  # why training ended early (early stopping, a stop request)
 
 
 def monitor_mode(metric: str, mode: str) -> str:
@@ -93,6 +105,26 @@ def accumulation_weights(sizes: Sequence[int], accumulate: int) -> list[float]:
         group = sizes[start : start + accumulate]
         weights.extend(s / sum(group) for s in group)
     return weights
+
+
+def _rng_snapshot() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return torch.get_rng_state(), cuda
+
+
+def _rng_restore(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+def _group_totals(sizes: Sequence[int], accumulate: int) -> list[int]:
+    """For each batch, the number of samples in its accumulation group."""
+    totals: list[int] = []
+    for start in range(0, len(sizes), accumulate):
+        group = sizes[start : start + accumulate]
+        totals.extend([sum(group)] * len(group))
+    return totals
 
 
 def evaluate(
@@ -145,6 +177,11 @@ class Trainer:
         self._stop_reason: str | None = None
         self._interrupt = False
         self._multi = False
+        self.micro = 1  # micro-batches per loader batch (auto-microbatch doubles it on OOM)
+        self.lr_scale = 1.0  # LR factor from non-finite rollbacks
+        self.rollbacks = 0
+        self.nonfinite_skipped = 0
+        self._group_loss = torch.zeros(())  # summed loss of the current accumulation group
         self._setup(model, data, run_dir)
 
     # ------------------------------------------------------------------ setup
@@ -159,11 +196,25 @@ class Trainer:
         world = self.engine.world
         self.is_zero = world.is_zero
         self._multi = world.size > 1
+        check_techniques(cfg, info, strategy=self.engine.strategy, world=world.size)
         model = model if model is not None else build.build_model_for(cfg, info)
+        if cfg.train.activation_checkpointing:
+            from kiln.algorithms.checkpointing import apply_activation_checkpointing
+
+            targets = cfg.train.activation_checkpointing
+            apply_activation_checkpointing(model, None if targets is True else targets)
+        epochs = cfg.train.epochs
+        self.tech = Techniques(cfg, info, model, epochs=epochs, rank=world.rank)
+        freezer = self.tech.freezer
+        if freezer is not None and not freezer.dynamic:
+            freezer.apply(model, epoch=0)  # before wrapping and the optimizer: both skip them
         # FSDP2 shards the model in place; a plain copy rebuilds the best weights at the end.
         self.template = copy.deepcopy(model) if self.engine.strategy == "fsdp" else model
         self.model, _ = self.engine.setup(model)
         self.optimizer = build_optimizer(self.engine.model, cfg.optim)  # type: ignore[arg-type]
+        if freezer is not None and freezer.dynamic:
+            # Unfrozen later, so they stay in the optimizer; with no grad they get no update.
+            freezer.apply(model, epoch=0)
         dev = self.engine.device
         shard = {"rank": world.rank, "world": world.size}
         # Eval shards only when ranks can evaluate independently (FSDP2's forward is collective).
@@ -187,7 +238,9 @@ class Trainer:
                 f"{cfg.data.batch_size} with drop_last; lower data.batch_size"
             )
         self.n_batches = len(sizes)
-        self._weights = accumulation_weights(sizes, cfg.train.accumulate)
+        self.per_rank_batch = per_rank
+        # Samples in each batch's accumulation group: a micro-batch's loss weight is its share.
+        self._group_total = _group_totals(sizes, cfg.train.accumulate)
         self.updates_per_epoch = math.ceil(self.n_batches / cfg.train.accumulate)
         self.total_steps = cfg.train.max_steps or self.updates_per_epoch * cfg.train.epochs
         self.scheduler = build_scheduler(
@@ -210,6 +263,19 @@ class Trainer:
             monitor = "train/" + monitor.split("/", 1)[1]
         self.monitor = monitor
         self.mode = monitor_mode(monitor, cfg.checkpoint.mode)
+        es = cfg.early_stop
+        if es.enabled:
+            self.early_monitor = es.monitor or monitor
+            if not self.early_monitor.startswith("val/") or self.val_loader is None:
+                raise ValueError(
+                    f"early_stop monitors a validation metric (got {self.early_monitor!r}); "
+                    "set data.val_fraction > 0 and early_stop.monitor=val/<metric>"
+                )
+            self.tech.early = EarlyStopping(
+                mode=monitor_mode(self.early_monitor, es.mode),
+                patience=es.patience,
+                min_delta=es.min_delta,
+            )
         resume = resolve_checkpoint(cfg.resume) if cfg.resume else None
         if run_dir is not None:
             self.run_dir = Path(run_dir)
@@ -280,6 +346,8 @@ class Trainer:
         try:
             with self._signals(), progress:
                 self.progress = progress
+                if self.cfg.train.nonfinite == "rollback" and self.ckpts.last() is None:
+                    self._save()  # a state to roll back to before the first update
                 self.callbacks.fire("on_fit_start", self)
                 # train.max_steps, when set, decides the length (epochs are then unbounded).
                 while self.step < self.total_steps and (
@@ -306,9 +374,16 @@ class Trainer:
         return result
 
     def _train_epoch(self) -> None:
-        cfg, engine, model, opt = self.cfg, self.engine, self.model, self.optimizer
-        epoch, n, loss_fn, weights = self.epoch, self.n_batches, self.loss_fn, self._weights
+        cfg, engine, opt, tech = self.cfg, self.engine, self.optimizer, self.tech
+        epoch = self.epoch
         start_epoch(self.train_loader, epoch, self.batch_in_epoch)
+        if tech.freezer is not None:
+            changed = tech.freezer.apply(engine.model, epoch)  # type: ignore[arg-type]
+            if changed and self.verbose and self.is_zero:
+                print(f"epoch {epoch + 1}: unfroze {len(changed)} parameter tensors", flush=True)
+        swa_on = tech.swa is not None and tech.swa.active(epoch)
+        if tech.swa is not None:
+            tech.swa.begin_epoch(opt, epoch)
         self.callbacks.fire("on_epoch_start", self, epoch)
         t0 = time.perf_counter()
         # Detached losses since the last log: no graph kept, no host sync until logging.
@@ -316,23 +391,31 @@ class Trainer:
         every_ckpt = cfg.checkpoint.every_n_steps
         sched = self.scheduler
         step_schedule = sched if sched is not None and sched.interval == "step" else None
-        model.train()
+        if swa_on:
+            step_schedule = None  # SWALR owns the learning rate from here on
+        self._train_mode()
         for i, batch in enumerate(self.train_loader, self.batch_in_epoch):
             x, y = engine.to_device(batch)
-            with engine.micro_step(i, n, weight=weights[i]) as update:
-                with engine.autocast():
-                    out = model(x)
-                    loss = loss_fn(out, y)
-                engine.backward(loss)
-            losses.append(loss.detach())
+            if tech.mixer is not None:
+                x, y = tech.mixer(x, y, epoch=epoch)
+            if cfg.train.auto_microbatch:
+                update = self._forward_backward_or_shrink(i, x, y, losses)
+            else:
+                update = self._forward_backward(i, x, y, losses)
             self.batch_in_epoch = i + 1
             if not update:
+                continue
+            if cfg.train.nonfinite != "ignore" and not self._finite_update():
+                if self._on_nonfinite(x) == "rollback":
+                    return  # the loop continues from the restored checkpoint
                 continue
             log_now = (self.step + 1) % cfg.train.log_every == 0
             grad_norm = engine.optimizer_step(opt, grad_norm=log_now)
             if step_schedule is not None and engine.last_step_taken:
                 step_schedule.step()
             self.step += 1
+            if tech.ema is not None and self.step % tech.ema_every == 0:
+                tech.ema.update(engine.model)  # type: ignore[arg-type]
             self.callbacks.fire("on_update_end", self, self.step)
             if log_now:
                 self._log_train(torch.stack(losses).float().mean(), grad_norm)
@@ -345,20 +428,170 @@ class Trainer:
                 (log_now or not self._multi) and self._should_stop()
             ):
                 break
-        if self.batch_in_epoch == n:
+        if self.batch_in_epoch == self.n_batches:
             self._end_epoch(time.perf_counter() - t0)
 
+    def _train_mode(self) -> None:
+        self.model.train()
+        if self.tech.freezer is not None:
+            self.tech.freezer.train_mode(self.engine.model)  # type: ignore[arg-type]
+
+    def _forward_backward(
+        self, i: int, x: torch.Tensor, y: torch.Tensor, losses: list[torch.Tensor]
+    ) -> bool:
+        """Forward and backward of loader batch ``i``; True when it ends an accumulation group.
+
+        The batch runs as ``self.micro`` micro-batches (one unless auto-microbatch split it),
+        each weighted by its share of the group's samples, so the gradient is the same.
+        """
+        engine, model, loss_fn, n = self.engine, self.model, self.loss_fn, self.n_batches
+        total = self._group_total[i]
+        check = self.cfg.train.nonfinite != "ignore"
+        if self.micro == 1:
+            pieces: Sequence[tuple[torch.Tensor, torch.Tensor]] = ((x, y),)
+        else:
+            size = math.ceil(self.per_rank_batch / self.micro)
+            pieces = list(zip(x.split(size), y.split(size), strict=True))
+        last = len(pieces) - 1
+        update = engine.is_update(i, n)
+        for j, (xb, yb) in enumerate(pieces):
+            with engine.micro_step(i, n, weight=len(xb) / total, update=update and j == last):
+                with engine.autocast():
+                    out = model(xb)
+                    loss = loss_fn(out, yb)
+                engine.backward(loss)
+            losses.append(loss.detach())
+            if check:  # the group's summed loss, checked on device at the update
+                first = j == 0 and i % engine.accumulate == 0
+                self._group_loss = loss.detach() if first else self._group_loss + loss.detach()
+        return update
+
+    def _forward_backward_or_shrink(
+        self, i: int, x: torch.Tensor, y: torch.Tensor, losses: list[torch.Tensor]
+    ) -> bool:
+        """:meth:`_forward_backward`, halving the micro-batch on out-of-memory.
+
+        The accumulation group so far is replayed from its start (same RNG state, same mixed
+        batches) with the smaller micro-batch, so the result equals a run that used it from the
+        beginning.
+        """
+        if i % self.engine.accumulate == 0 or not hasattr(self, "_group"):
+            self._group: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+            self._group_rng = _rng_snapshot()
+            self._group_losses = len(losses)
+        self._group.append((i, x, y))
+        try:
+            return self._forward_backward(i, x, y, losses)
+        except torch.OutOfMemoryError:
+            pass
+        while True:
+            self.optimizer.zero_grad(set_to_none=True)
+            del losses[self._group_losses :]
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            size = math.ceil(self.per_rank_batch / self.micro)
+            if size <= 1:
+                raise RuntimeError(
+                    "out of memory even with a micro-batch of 1 example; use a smaller model, "
+                    "precision=bf16, train.activation_checkpointing=true, or more memory"
+                )
+            self.micro *= 2
+            new = math.ceil(self.per_rank_batch / self.micro)
+            if self.verbose and self.is_zero:
+                print(
+                    f"out of memory at micro-batch {size}: continuing with micro-batch {new} "
+                    f"x {self.micro * self.engine.accumulate} accumulation (same effective batch)",
+                    flush=True,
+                )
+            _rng_restore(self._group_rng)
+            try:
+                update = False
+                for ii, xx, yy in self._group:
+                    update = self._forward_backward(ii, xx, yy, losses)
+                return update
+            except torch.OutOfMemoryError:
+                continue
+
+    def _finite_update(self) -> bool:
+        """Whether the group's loss and gradients are finite (one host sync per update)."""
+        ok = torch.isfinite(self._group_loss)
+        if self.engine.precision.kind != "fp16":  # fp16: the GradScaler handles grad overflow
+            ok = ok & torch.isfinite(self.engine.grad_norm(self.optimizer))
+        bad = (~ok).float()
+        if self._multi:
+            bad = distributed.all_reduce_max(bad)
+        return not bool(bad)
+
+    def _on_nonfinite(self, x: torch.Tensor) -> str:
+        """Apply ``train.nonfinite`` to a non-finite update; returns ``skip`` or ``rollback``."""
+        cfg = self.cfg.train
+        policy = cfg.nonfinite
+        if policy == "rollback" and self.rollbacks >= cfg.max_rollbacks:
+            policy = "stop"
+        if policy == "skip":
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_skipped += 1
+            self.step += 1  # the update's slot passes, like a GradScaler skip
+            return "skip"
+        if policy == "rollback":
+            last = self.ckpts.last()
+            self.optimizer.zero_grad(set_to_none=True)
+            if last is None:
+                raise NonFiniteError(
+                    f"non-finite update at step {self.step + 1} with no checkpoint"
+                )
+            target = self.lr_scale * cfg.rollback_lr_factor
+            count, skipped = self.rollbacks, self.nonfinite_skipped
+            snapshots.restore(self, last)  # sets lr_scale to the checkpoint's
+            scale_lrs(self.optimizer, self.scheduler, target / self.lr_scale)
+            self.lr_scale, self.rollbacks, self.nonfinite_skipped = target, count + 1, skipped
+            if self.verbose and self.is_zero:
+                print(
+                    f"non-finite loss or gradient: rolled back to {last.name} (step {self.step}) "
+                    f"with LRs x{target:g} (rollback {self.rollbacks}/{cfg.max_rollbacks})",
+                    flush=True,
+                )
+            self.logger.log({"train/rollbacks": self.rollbacks}, step=self.step)
+            return "rollback"
+        bad_grads = nonfinite_grads(self.engine.model)  # type: ignore[arg-type]
+        self.optimizer.zero_grad(set_to_none=True)
+        path = self._save()  # the state before the bad update
+        where = describe_nonfinite(self.engine.model, x, bad_grads)  # type: ignore[arg-type]
+        after = f" after {self.rollbacks} rollbacks" if self.rollbacks else ""
+        raise NonFiniteError(
+            f"non-finite loss or gradient at step {self.step + 1} (epoch {self.epoch + 1}, "
+            f"batch {self.batch_in_epoch}){after}: {where}; the weights before it are saved in "
+            f"{path}. Lower optim.lr, set train.clip_norm, or set train.nonfinite=skip|rollback"
+        )
+
     def _end_epoch(self, seconds: float) -> None:
-        cfg = self.cfg
+        cfg, tech = self.cfg, self.tech
         metrics: dict[str, float] = {"epoch": self.epoch + 1, "epoch_time_s": round(seconds, 3)}
+        swa_on = tech.swa is not None and tech.swa.active(self.epoch)
+        if tech.swa is not None and swa_on:
+            tech.swa.end_epoch(self.engine.model, self.epoch)  # type: ignore[arg-type]
+            metrics["swa/n_averaged"] = tech.swa.n_averaged
         val: dict[str, float] = {}
         if self.val_loader is not None and (self.epoch + 1) % cfg.train.val_every == 0:
             val = self.validate()
             metrics.update({f"val/{k}": v for k, v in val.items()})
-        if self.scheduler is not None and self.scheduler.interval == "epoch":
-            self.scheduler.step()
-        elif self.scheduler is not None and self.scheduler.interval == "plateau" and val:
-            self.scheduler.step(val[self.monitor.split("/", 1)[1]])
+        if self.scheduler is not None and not swa_on:
+            if self.scheduler.interval == "epoch":
+                self.scheduler.step()
+            elif self.scheduler.interval == "plateau" and val:
+                self.scheduler.step(val[self.monitor.split("/", 1)[1]])
+        if tech.early is not None and val:
+            name = self.early_monitor.split("/", 1)[1]
+            if name not in val:
+                raise ValueError(
+                    f"early_stop.monitor={self.early_monitor!r} is not a validation metric; "
+                    f"available: {', '.join('val/' + k for k in val)}"
+                )
+            if tech.early.step(val[name]):
+                self.request_stop(
+                    f"early stopping: {self.early_monitor} did not improve by more than "
+                    f"{tech.early.min_delta:g} for {tech.early.patience} validations"
+                )
         self.epoch += 1
         self.batch_in_epoch = 0
         self.logger.log(metrics, step=self.step)
@@ -377,7 +610,9 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Metrics on the validation split (fires ``on_validation_end``)."""
         assert self.val_loader is not None
-        val = evaluate(self.model, self.val_loader, self.loss_fn, self.engine, self.metrics)
+        ema = self.tech.ema if self.cfg.ema.evaluate else None
+        with ema.swapped(self.engine.model) if ema is not None else nullcontext():  # type: ignore[arg-type]
+            val = evaluate(self.model, self.val_loader, self.loss_fn, self.engine, self.metrics)
         self.callbacks.fire("on_validation_end", self, val)
         return val
 
@@ -389,6 +624,8 @@ class Trainer:
             logs["train/grad_norm"] = grad_norm.item()
         if self.engine.skipped:
             logs["train/skipped_updates"] = self.engine.skipped
+        if self.nonfinite_skipped:
+            logs["train/nonfinite_skipped"] = self.nonfinite_skipped
         self._last_train = logs
         self.logger.log(logs, step=self.step)
         self.progress.update(self.step, {"loss": logs["train/loss"]}, force=True)
@@ -419,7 +656,11 @@ class Trainer:
         best_name = distributed.broadcast_object(best_name)
         best_file = self.ckpts.dir / best_name if best_name else None
         final = snapshots.best_weights(self, best_file)
-        result = FitResult(self.run_dir, self.step, best_checkpoint=best_file)
+        if self.tech.swa is not None and final is not None:
+            final = self._swa_result()
+        result = FitResult(
+            self.run_dir, self.step, best_checkpoint=best_file, stopped=self._stop_reason
+        )
         if final is not None:  # rank 0: plain weights, evaluated without collectives
             save_weights(final, self.run_dir / "model.safetensors", self.cfg, self.data.info)
             metrics = TaskMetrics(
@@ -442,10 +683,38 @@ class Trainer:
                 "val": result.val,
                 "test": result.test,
                 "best_checkpoint": str(best_file) if best_file else None,
+                "weights": self._final_kind(),
+                "stopped": self._stop_reason,
             }
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         result.val, result.test = distributed.broadcast_object((result.val, result.test))
         return result
+
+    def _final_kind(self) -> str:
+        """What model.safetensors holds (written to summary.json)."""
+        if self.tech.swa is not None:
+            return f"swa average of {self.tech.swa.n_averaged} epochs"
+        if self.tech.ema is not None and self.cfg.ema.evaluate:
+            return "ema of the best checkpoint"
+        return "best checkpoint"
+
+    def _swa_result(self) -> nn.Module:
+        """The SWA average, with BatchNorm statistics recomputed over the training split."""
+        swa = self.tech.swa
+        assert swa is not None
+        if swa.n_averaged == 0:
+            raise RuntimeError(
+                f"SWA averaged no epoch (training ended before swa.start_epoch={swa.start_epoch}); "
+                "lower swa.start_epoch"
+            )
+        loader = None
+        if self.cfg.swa.update_bn:
+            loader = build.loader_for(
+                self.cfg, self.data.train, train=False, device=self.engine.device
+            )
+        model = swa.result(loader, self.engine.to_device)
+        model.eval()
+        return model
 
     @contextmanager
     def _signals(self) -> Iterator[None]:
