@@ -99,7 +99,7 @@ def test_ema_weights_are_validated_and_saved(make_cfg) -> None:
     cfg = make_cfg("ema.enabled=true", "ema.decay=0.9", "train.epochs=2")
     result = Trainer(cfg, verbose=False).fit()
     best = load_checkpoint(result.best_checkpoint)
-    data, fresh = _data_and_model(cfg)
+    _, fresh = _data_and_model(cfg)
     fresh.load_state_dict(best["model"])
     ema = EMA(fresh)
     ema.load_state_dict(best["techniques"]["ema"])
@@ -153,7 +153,7 @@ def test_swa_recomputes_batchnorm_statistics(make_cfg) -> None:
     saved = load_file(result.run_dir / "model.safetensors")
     # BN statistics of the averaged weights over the train split, recomputed by hand as
     # torch.optim.swa_utils.update_bn does: the equal-weight average of the batch statistics.
-    data, model = _data_and_model(cfg)
+    _, model = _data_and_model(cfg)
     model.load_state_dict(saved)
     loader = build.loader_for(cfg, trainer.data.train, train=False, device=torch.device("cpu"))
     with torch.no_grad():
@@ -167,9 +167,7 @@ def test_swa_recomputes_batchnorm_statistics(make_cfg) -> None:
 
 
 def test_frozen_parameters_do_not_change_and_leave_the_optimizer(make_cfg) -> None:
-    cfg = make_cfg(
-        "freeze.modules=[hidden]", "optim.weight_decay=0.1", "model.kwargs.norm=batch"
-    )
+    cfg = make_cfg("freeze.modules=[hidden]", "optim.weight_decay=0.1", "model.kwargs.norm=batch")
     trainer = Trainer(cfg, verbose=False)
     before = _flat_params(trainer.engine.model)
     in_opt = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
@@ -196,7 +194,7 @@ def test_gradual_unfreezing_trains_the_group_from_its_epoch(make_cfg) -> None:
 
 
 def test_freeze_pattern_that_matches_nothing_lists_modules(make_cfg) -> None:
-    with pytest.raises(ValueError, match="matches no parameter.*top-level modules: fc, hidden"):
+    with pytest.raises(ValueError, match=r"matches no parameter.*top-level modules: fc, hidden"):
         Trainer(make_cfg("freeze.modules=[backbone]"), verbose=False)
 
 
@@ -354,9 +352,16 @@ def test_auto_microbatch_gives_up_at_one_example(make_cfg) -> None:
 # ---------------------------------------------------------------- everything at once
 
 
-def test_resume_with_every_technique_is_bit_identical(make_cfg, tmp_path: Path) -> None:
-    from test_resume import StopAt  # noqa: PLC0415 - the shared stop callback
+class StopAt:
+    def __init__(self, step: int) -> None:
+        self.step = step
 
+    def on_update_end(self, trainer: Trainer, step: int) -> None:
+        if step == self.step:
+            trainer.request_stop("test", interrupt=True)
+
+
+def test_resume_with_every_technique_is_bit_identical(make_cfg, tmp_path: Path) -> None:
     common = (
         "model.name=resnet",
         "model.kwargs={width: 4, depths: [1, 1]}",
