@@ -93,6 +93,11 @@ class DataConfig(_Strict):
     eval_batch_size: int | None = Field(None, ge=1)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    split_seed: int | None = Field(
+        None,
+        description="seed of the train/val/test split (default: the run's seed); fix it to "
+        "train a seed ensemble whose members hold out the same examples",
+    )
     num_workers: int = Field(0, ge=0)
     persistent_workers: bool = False
     pin_memory: Literal["auto"] | bool = "auto"

@@ -55,18 +55,56 @@ def train(
 
 @app.command("eval")
 def eval_(
-    run: Annotated[str, typer.Argument(help="run directory (or its model.safetensors)")],
+    runs: Annotated[
+        list[str],
+        typer.Argument(
+            help="run directories (several = an ensemble), optionally followed by tta=flip,shift",
+            show_default=False,
+        ),
+    ],
     split: Annotated[str, typer.Option(help="test or val")] = "test",
     checkpoint: Annotated[
         str | None, typer.Option(help="evaluate this checkpoint (or 'last'/'best') instead")
     ] = None,
+    tta: Annotated[
+        str | None, typer.Option(help="test-time augmentation: flip, shift, noise (comma list)")
+    ] = None,
+    vote: Annotated[
+        bool, typer.Option("--vote", help="ensemble by majority vote instead of mean probability")
+    ] = False,
+    snapshots: Annotated[
+        int | None, typer.Option(help="snapshot ensemble of the run's last N checkpoints")
+    ] = None,
     debug: Debug = False,
 ) -> None:
-    """Metrics of a trained run on its held-out split, with a confusion matrix."""
+    """Metrics of trained runs on the held-out split: one run, an ensemble, with or without TTA."""
     from kiln.cli.errors import run_cli
     from kiln.cli.eval import run_eval
 
-    run_cli(lambda: run_eval(run, split=split, checkpoint=checkpoint), debug=debug)
+    run_cli(
+        lambda: run_eval(
+            runs, split=split, checkpoint=checkpoint, tta=tta, vote=vote, snapshots=snapshots
+        ),
+        debug=debug,
+    )
+
+
+@app.command()
+def tune(
+    what: Annotated[
+        str, typer.Argument(help="lr (learning-rate range test) or batch (batch size)")
+    ],
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(help="CONFIG.yaml then key.sub=value overrides", show_default=False),
+    ] = None,
+    debug: Debug = False,
+) -> None:
+    """Find a learning rate (range test, plot) or the largest batch size that fits."""
+    from kiln.cli.errors import run_cli
+    from kiln.cli.tune import run_tune
+
+    run_cli(lambda: run_tune(what, args or []), debug=debug)
 
 
 @app.command()

@@ -54,7 +54,8 @@ def build_data_for(cfg: Config) -> DataBundle:
     """The data bundle a config describes (seeded split, train-only normalisation)."""
     from kiln.data import build_data
 
-    return build_data(cfg.data, seed=cfg.seed, layout=resolve_layout(cfg))
+    seed = cfg.data.split_seed if cfg.data.split_seed is not None else cfg.seed
+    return build_data(cfg.data, seed=seed, layout=resolve_layout(cfg))
 
 
 def build_model_for(cfg: Config, info: DataInfo) -> nn.Module:

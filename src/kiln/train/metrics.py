@@ -65,7 +65,13 @@ class TaskMetrics:
         elif task != "lm":
             raise ValueError(f"unknown task {task!r}; allowed: classification, regression, lm")
         self.sync = sync
-        self.metrics = torchmetrics.MetricCollection(metrics).to(device) if metrics else None
+        # compute_groups=False: with groups, torchmetrics merges metrics whose states agree after
+        # the first batch (top-1 and top-5 accuracy often do) and then reports one for both.
+        self.metrics = (
+            torchmetrics.MetricCollection(metrics, compute_groups=False).to(device)
+            if metrics
+            else None
+        )
         self.device = device
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.count = 0

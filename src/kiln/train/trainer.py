@@ -514,13 +514,7 @@ class Trainer:
 
     def _finite_update(self) -> bool:
         """Whether the group's loss and gradients are finite (one host sync per update)."""
-        ok = torch.isfinite(self._group_loss)
-        if self.engine.precision.kind != "fp16":  # fp16: the GradScaler handles grad overflow
-            ok = ok & torch.isfinite(self.engine.grad_norm(self.optimizer))
-        bad = (~ok).float()
-        if self._multi:
-            bad = distributed.all_reduce_max(bad)
-        return not bool(bad)
+        return self.engine.grads_finite(self.optimizer, self._group_loss)
 
     def _on_nonfinite(self, x: torch.Tensor) -> str:
         """Apply ``train.nonfinite`` to a non-finite update; returns ``skip`` or ``rollback``."""
