@@ -32,6 +32,7 @@ __all__ = [
     "FreezeConfig",
     "LogConfig",
     "LossConfig",
+    "MetaConfig",
     "MixConfig",
     "ModelConfig",
     "OptimConfig",
@@ -140,6 +141,20 @@ class ModelConfig(_Strict):
     name: str = "mlp"
     target: str | None = Field(None, description="'pkg.module:Class' of a user nn.Module")
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    init: Literal[
+        "default",
+        "kaiming_normal",
+        "kaiming_uniform",
+        "xavier_normal",
+        "xavier_uniform",
+        "orthogonal",
+        "normal",
+        "zeros",
+    ] = Field("default", description="weight init of Linear/Conv layers; biases zero")
+    init_std: float = Field(0.02, gt=0.0, description="std of init=normal")
+    zero_init_last: bool = Field(
+        False, description="zero the last norm/linear of each residual branch (starts as identity)"
+    )
     drop_path: float = Field(
         0.0,
         ge=0.0,
@@ -206,10 +221,20 @@ class SchedulerConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    """Training loss; ``auto`` = cross-entropy for classification/LM, MSE for regression."""
+    """Training loss; ``auto`` = cross-entropy for classification/LM, MSE for regression.
 
-    name: Literal["auto", "cross_entropy", "mse", "l1", "smooth_l1"] = "auto"
+    ``weighted_cross_entropy`` and ``focal`` take per-class weights (``class_weights``: a list,
+    or ``auto`` = inverse train-split class frequencies, normalised to mean 1).
+    """
+
+    name: Literal[
+        "auto", "cross_entropy", "weighted_cross_entropy", "focal", "mse", "l1", "smooth_l1"
+    ] = "auto"
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    class_weights: list[float] | Literal["auto"] | None = Field(
+        None, description="per-class weights (focal: alpha); 'auto' = inverse frequencies"
+    )
+    gamma: float = Field(2.0, ge=0.0, description="focal loss focusing parameter (0 = CE)")
 
 
 class TrainConfig(_Strict):
@@ -313,6 +338,27 @@ class EarlyStopConfig(_Strict):
     min_delta: float = Field(0.0, ge=0.0)
 
 
+class MetaConfig(_Strict):
+    """Meta-learning (MAML) instead of supervised training: ``kiln train`` runs the meta loop.
+
+    Tasks come from ``task`` (``sine``: the sine-wave regression of Finn et al. 2017).
+    """
+
+    enabled: bool = False
+    method: Literal["maml", "fomaml"] = Field(
+        "maml", description="maml: second-order meta-gradient; fomaml: first-order approximation"
+    )
+    task: Literal["sine"] = "sine"
+    shots: int = Field(10, ge=1, description="support examples per task (K)")
+    query: int = Field(10, ge=1, description="query examples per task")
+    inner_steps: int = Field(1, ge=1)
+    inner_lr: float = Field(0.01, gt=0.0)
+    meta_batch: int = Field(25, ge=1, description="tasks per meta-update")
+    meta_steps: int = Field(10000, ge=1, description="meta-updates")
+    eval_tasks: int = Field(600, ge=1, description="held-out tasks for the final report")
+    eval_inner_steps: list[int] = Field(default_factory=lambda: [1, 10])
+
+
 class CheckpointConfig(_Strict):
     """When to save full-state checkpoints and which to keep."""
 
@@ -359,6 +405,7 @@ class Config(_Strict):
     swa: SWAConfig = SWAConfig()
     freeze: FreezeConfig = FreezeConfig()
     early_stop: EarlyStopConfig = EarlyStopConfig()
+    meta: MetaConfig = MetaConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
 
