@@ -56,7 +56,7 @@ def test_bad_kwarg_suggests_and_lists() -> None:
         build_model(ModelConfig(name="resnet", kwargs={"widht": 8}), IMAGE)
     assert str(err.value) == (
         "model.kwargs.widht is not an argument of resnet; did you mean 'width'? "
-        "allowed: depths, width, dropout, zero_init_residual"
+        "allowed: depths, width, dropout, zero_init_residual, drop_path"
     )
     with pytest.raises(ValueError, match=r"^model\.kwargs\.qqq is not an argument of mlp; allowed"):
         build_model(ModelConfig(name="mlp", kwargs={"qqq": 1}), FLAT)

@@ -401,3 +401,13 @@ def test_resume_with_every_technique_is_bit_identical(make_cfg, tmp_path: Path) 
     wb = load_file(resumed.run_dir / "model.safetensors")
     for k, v in wa.items():
         assert torch.equal(v, wb[k]), k
+
+
+def test_model_init_key_applies_the_scheme(make_cfg) -> None:
+    cfg = make_cfg("model.init=orthogonal", "model.kwargs.hidden=[64]")
+    model = build.build_model_for(cfg, build.build_data_for(cfg).info)
+    w = model.hidden[0].weight  # 64 x 64: orthogonal rows, scaled by the relu gain sqrt(2)
+    torch.testing.assert_close(w @ w.T, 2.0 * torch.eye(64), atol=1e-4, rtol=0)
+    assert torch.equal(model.hidden[0].bias, torch.zeros(64))
+    with pytest.raises(ValueError, match="zero_init_last"):
+        build.build_model_for(make_cfg("model.zero_init_last=true"), build.build_data_for(cfg).info)

@@ -70,7 +70,35 @@ def build_model_for(cfg: Config, info: DataInfo) -> nn.Module:
             )
         kwargs = {**model_cfg.kwargs, "drop_path": model_cfg.drop_path}
         model_cfg = model_cfg.model_copy(update={"kwargs": kwargs})
-    return build_model(model_cfg, info)
+    model = build_model(model_cfg, info)
+    if model_cfg.init != "default" or model_cfg.zero_init_last:
+        from kiln.models.init import init_weights
+
+        init_weights(
+            model,
+            model_cfg.init,
+            std=model_cfg.init_std,
+            zero_init_last=model_cfg.zero_init_last,
+        )
+    return model
+
+
+def class_counts(dataset: Any, num_classes: int) -> torch.Tensor:
+    """Examples per class in ``dataset`` (for ``loss.class_weights=auto``).
+
+    Reads the label tensor directly for in-memory datasets (and ``Subset`` s of them), else
+    iterates the dataset once.
+    """
+
+    base, indices = dataset, None
+    if hasattr(dataset, "dataset") and hasattr(dataset, "indices"):  # torch Subset
+        base, indices = dataset.dataset, list(dataset.indices)
+    labels = getattr(base, "y", None)
+    if isinstance(labels, torch.Tensor):
+        y = labels if indices is None else labels[indices]
+    else:
+        y = torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))])
+    return torch.bincount(y.long().flatten(), minlength=num_classes)[:num_classes]
 
 
 def per_rank_batch(cfg: Config, world: int) -> int:
