@@ -89,7 +89,7 @@ def eval_(
     )
 
 
-@app.command()
+@app.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 def tune(
     what: Annotated[
         str, typer.Argument(help="lr (learning-rate range test) or batch (batch size)")
@@ -100,7 +100,11 @@ def tune(
     ] = None,
     debug: Debug = False,
 ) -> None:
-    """Find a learning rate (range test, plot) or the largest batch size that fits."""
+    """Find a learning rate (range test, plot) or the largest batch size that fits.
+
+    Finder options: tune.steps, tune.start_lr, tune.end_lr, tune.smoothing (lr);
+    tune.mode=power|binary, tune.budget_mb, tune.max_batch (batch).
+    """
     from kiln.cli.errors import run_cli
     from kiln.cli.tune import run_tune
 
