@@ -12,6 +12,9 @@ SCRIPTS = [
     "loop_overhead.py",
     "import_time.py",
     "time_to_accuracy.py",
+    "regularizers.py",
+    "checkpointing.py",
+    "compile.py",
     pytest.param("ddp_scaling.py", marks=pytest.mark.distributed),
 ]
 

@@ -119,7 +119,6 @@ class _Setup:
 
     def __init__(self, run_dir: Path, split: str) -> None:
         from kiln.config import load_config
-        from kiln.losses import build_loss
         from kiln.train import build
         from kiln.train.engine import Engine
         from kiln.train.metrics import TaskMetrics
@@ -137,7 +136,7 @@ class _Setup:
         )
         self.loader = build.loader_for(self.cfg, dataset, train=False, device=self.engine.device)
         info = self.data.info
-        self.loss_fn = build_loss(self.cfg.loss, task=info.task)
+        self.loss_fn = build.loss_for(self.cfg, self.data)
         self.metrics = TaskMetrics(
             info.task,
             num_classes=info.num_classes,

@@ -21,6 +21,11 @@ def run_train(args: list[str], *, print_config: bool = False) -> None:
     if print_config:
         print(dump_config(cfg), end="")
         return
+    if cfg.meta.enabled:
+        from kiln.meta.runner import run_meta
+
+        run_meta(cfg)  # prints the MAML vs baseline table and the run directory
+        return
     from kiln.train.trainer import Trainer
 
     result = Trainer(cfg).fit()

@@ -106,7 +106,6 @@ def run_tune(what: str, args: list[str]) -> None:
     # Kineto prints two lines per profile on stderr unless told otherwise (read once, at the
     # first profile); the batch finder profiles every trial on the CPU.
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
-    from kiln.losses import build_loss
     from kiln.train import build
     from kiln.train.optim import build_optimizer
     from kiln.train.reproducibility import seed_everything, set_deterministic
@@ -121,7 +120,7 @@ def run_tune(what: str, args: list[str]) -> None:
     try:
         model, _ = engine.setup(build.build_model_for(cfg, data.info))
         optimizer = build_optimizer(engine.model, cfg.optim)  # type: ignore[arg-type]
-        loss_fn = build_loss(cfg.loss, task=data.info.task)
+        loss_fn = build.loss_for(cfg, data)
         if what == "lr":
             loader = build.loader_for(cfg, data.train, train=True, device=engine.device)
             _tune_lr(cfg, opts, model, optimizer, loader, loss_fn, engine)

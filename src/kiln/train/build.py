@@ -101,6 +101,17 @@ def class_counts(dataset: Any, num_classes: int) -> torch.Tensor:
     return torch.bincount(y.long().flatten(), minlength=num_classes)[:num_classes]
 
 
+def loss_for(cfg: Config, data: DataBundle) -> Any:
+    """The training loss a config describes (``class_weights=auto`` counts the train split)."""
+    from kiln.losses import build_loss
+
+    counts = None
+    info = data.info
+    if cfg.loss.class_weights == "auto" and info.num_classes and data.train is not None:
+        counts = class_counts(data.train, info.num_classes)
+    return build_loss(cfg.loss, task=info.task, class_counts=counts)
+
+
 def per_rank_batch(cfg: Config, world: int) -> int:
     """``data.batch_size`` is the global batch; each of ``world`` ranks takes an equal share."""
     if cfg.data.batch_size % world:

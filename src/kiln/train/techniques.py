@@ -31,7 +31,7 @@ def check_techniques(cfg: Config, info: DataInfo, *, strategy: str, world: int) 
                 f"mixup/cutmix need a classification task with classes; this data is {info.task} "
                 "(set mix.mixup_alpha=0 and mix.cutmix_alpha=0)"
             )
-        if cfg.loss.name not in ("auto", "cross_entropy"):
+        if cfg.loss.name not in ("auto", "cross_entropy", "weighted_cross_entropy"):
             raise ValueError(
                 f"mixup/cutmix train on soft targets, which loss.name={cfg.loss.name} cannot take; "
                 "use loss.name=cross_entropy"

@@ -54,7 +54,7 @@ from kiln.algorithms.nonfinite import nonfinite_grads
 from kiln.config import Config
 from kiln.data.base import DataBundle
 from kiln.data.loader import batch_sizes, start_epoch
-from kiln.losses import LossFn, build_loss
+from kiln.losses import LossFn
 from kiln.train import build, distributed, snapshots
 from kiln.train.callbacks import Callbacks
 from kiln.train.checkpoint import CheckpointManager, resolve_checkpoint
@@ -250,7 +250,7 @@ class Trainer:
             epochs=cfg.train.epochs,
             total_steps=self.total_steps,
         )
-        self.loss_fn = build_loss(cfg.loss, task=info.task)
+        self.loss_fn = build.loss_for(cfg, self.data)
         self.metrics = TaskMetrics(
             info.task,
             num_classes=info.num_classes,
