@@ -19,10 +19,17 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_smoke_runs(path: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(ROOT)  # configs name data files relative to the repository root
-    cfg = kiln.load_config(
-        path,
-        ["train.max_steps=4", f"out_dir={tmp_path}", "log.tensorboard=false", "log.progress=false"],
-    )
+    common = [f"out_dir={tmp_path}", "log.tensorboard=false", "log.progress=false"]
+    if kiln.load_config(path).meta.enabled:  # a meta-learning job: its own loop
+        from kiln.meta.runner import run_meta
+
+        summary = run_meta(kiln.load_config(path, [*common, "meta.meta_steps=4"]), verbose=False)
+        assert summary["meta_steps"] == 4
+        assert (Path(summary["run_dir"]) / "summary.json").is_file()
+        with pytest.raises(ValueError, match=r"meta\.enabled"):
+            Trainer(kiln.load_config(path, common), verbose=False)
+        return
+    cfg = kiln.load_config(path, ["train.max_steps=4", *common])
     result = Trainer(cfg, verbose=False).fit()
     assert result.steps == 4
     assert (result.run_dir / "model.safetensors").is_file()

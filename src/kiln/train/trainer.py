@@ -188,6 +188,11 @@ class Trainer:
 
     def _setup(self, model: nn.Module | None, data: DataBundle | None, run_dir: Any) -> None:
         cfg = self.cfg
+        if cfg.meta.enabled:
+            raise ValueError(
+                "meta.enabled=true runs the meta-learning loop, not the Trainer: use "
+                "`kiln train CONFIG` or kiln.meta.runner.run_meta(cfg)"
+            )
         seed_everything(cfg.seed)
         set_deterministic(cfg.deterministic)
         self.data = data if data is not None else build.build_data_for(cfg)
