@@ -137,6 +137,68 @@ def consolidate(
 
 
 @app.command()
+def quantize(
+    run: Annotated[str, typer.Argument(help="run directory (its model.safetensors)")],
+    method: Annotated[
+        str, typer.Option(help="dynamic, static, qat, pt2e or onnx-int8")
+    ] = "dynamic",
+    calib_batches: Annotated[int, typer.Option(help="training batches for calibration")] = 32,
+    qat_epochs: Annotated[int, typer.Option(help="fine-tuning epochs for qat")] = 2,
+    out: Annotated[
+        str | None, typer.Option(help="output folder (default: RUN/quantized/METHOD)")
+    ] = None,
+    debug: Debug = False,
+) -> None:
+    """Quantize a trained run to int8 and print size, latency and accuracy against fp32."""
+    from kiln.cli.errors import run_cli
+    from kiln.cli.quantize import run_quantize
+
+    run_cli(
+        lambda: run_quantize(
+            run, method=method, calib_batches=calib_batches, qat_epochs=qat_epochs, out=out
+        ),
+        debug=debug,
+    )
+
+
+@app.command()
+def prune(
+    run: Annotated[str, typer.Argument(help="run directory (its model.safetensors)")],
+    amount: Annotated[float, typer.Option(help="fraction to remove, in [0, 1)")] = 0.5,
+    structured: Annotated[
+        bool, typer.Option("--structured", help="remove whole channels/neurons (smaller layers)")
+    ] = False,
+    iterative: Annotated[int, typer.Option(help="prune + fine-tune cycles")] = 1,
+    method: Annotated[str, typer.Option(help="l1 or random")] = "l1",
+    scope: Annotated[str, typer.Option(help="layer (per layer) or global magnitude")] = "layer",
+    finetune_epochs: Annotated[int, typer.Option(help="fine-tuning epochs per cycle")] = 1,
+    rewind: Annotated[
+        bool, typer.Option("--rewind", help="lottery ticket: rewind survivors to initial weights")
+    ] = False,
+    out: Annotated[str | None, typer.Option(help="output folder (default: RUN/pruned)")] = None,
+    debug: Debug = False,
+) -> None:
+    """Prune a trained run (unstructured or structured), fine-tune, report size/speed/accuracy."""
+    from kiln.cli.errors import run_cli
+    from kiln.cli.prune import run_prune
+
+    run_cli(
+        lambda: run_prune(
+            run,
+            amount=amount,
+            structured=structured,
+            iterative=iterative,
+            method=method,
+            scope=scope,
+            finetune_epochs=finetune_epochs,
+            rewind=rewind,
+            out=out,
+        ),
+        debug=debug,
+    )
+
+
+@app.command()
 def env() -> None:
     """Versions, threads and devices: what a bug report needs."""
     from kiln.cli.env import print_env
