@@ -5,6 +5,8 @@ sampling can be exercised on a CPU in seconds. The layout follows nanoGPT: learn
 position embeddings, pre-LayerNorm blocks of causal self-attention
 (``F.scaled_dot_product_attention(is_causal=True)``, which picks a fused kernel when it can) and
 a 4x GELU MLP, a final LayerNorm, and an LM head that shares its weight with the token embedding.
+Stochastic depth (``drop_path``) drops each block's two residual branches per sequence, with a
+rate that grows linearly over the blocks (:func:`kiln.models.layers.drop_path_rates`).
 
 Note for checkpoint code: because of the tying, ``lm_head.weight`` and ``tok_emb.weight`` are
 the same tensor and both appear in ``state_dict()``.
@@ -24,6 +26,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kiln.models.layers import DropPath, drop_path_rates
 
 if TYPE_CHECKING:
     from kiln.data.base import DataInfo
@@ -78,11 +82,16 @@ class CausalSelfAttention(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-LayerNorm block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))`` (4x width, GELU).
 
+    With ``drop_path > 0`` each residual branch is dropped per sequence in training, with its
+    own draw: ``x + drop_path1(attn(ln1(x)))``, then ``x + drop_path2(mlp(ln2(x)))``. The
+    DropPath modules have no parameters, so the state_dict keys do not depend on them.
+
     Args:
         n_embd: model width.
         n_head: attention heads.
         dropout: dropout on both residual branches.
         bias: biases in linear layers and LayerNorms.
+        drop_path: stochastic-depth rate of both residual branches, in ``[0, 1)``.
 
     Example:
         >>> import torch
@@ -90,7 +99,14 @@ class TransformerBlock(nn.Module):
         torch.Size([1, 3, 16])
     """
 
-    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True) -> None:
+    def __init__(
+        self,
+        n_embd: int,
+        n_head: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        drop_path: float = 0.0,
+    ) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(n_embd, bias=bias)
         self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias)
@@ -100,11 +116,13 @@ class TransformerBlock(nn.Module):
         self.mlp.add_module("act", nn.GELU())
         self.mlp.add_module("proj", nn.Linear(4 * n_embd, n_embd, bias=bias))
         self.mlp.add_module("drop", nn.Dropout(dropout))
+        self.drop_path1 = DropPath(drop_path)
+        self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, T, C) -> (B, T, C)``."""
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
+        x = x + self.drop_path1(self.attn(self.ln1(x)))
+        return x + self.drop_path2(self.mlp(self.ln2(x)))
 
 
 class GPT(nn.Module):
@@ -122,6 +140,9 @@ class GPT(nn.Module):
         n_embd: model width.
         dropout: dropout on embeddings, attention and residual branches.
         bias: biases in linear layers and LayerNorms.
+        drop_path: stochastic-depth rate of the last block, in ``[0, 1)``; block ``i`` of
+            ``n_layer`` uses ``drop_path * i / (n_layer - 1)``, so the first block is never
+            dropped (nor a single-block model). 0 disables it.
 
     Example:
         >>> import torch
@@ -139,6 +160,7 @@ class GPT(nn.Module):
         n_embd: int = 128,
         dropout: float = 0.0,
         bias: bool = True,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -158,7 +180,8 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(block_size, n_embd)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            TransformerBlock(n_embd, n_head, dropout, bias) for _ in range(n_layer)
+            TransformerBlock(n_embd, n_head, dropout, bias, drop_path=rate)
+            for rate in drop_path_rates(drop_path, n_layer)
         )
         self.ln_f = nn.LayerNorm(n_embd, bias=bias)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
@@ -261,6 +284,7 @@ def build_gpt(
     n_embd: int = 128,
     dropout: float = 0.0,
     bias: bool = True,
+    drop_path: float = 0.0,
 ) -> GPT:
     """A :class:`GPT` whose vocabulary and block size come from ``lm`` data.
 
@@ -272,6 +296,7 @@ def build_gpt(
         n_embd: see :class:`GPT`.
         dropout: see :class:`GPT`.
         bias: see :class:`GPT`.
+        drop_path: see :class:`GPT`.
 
     Raises:
         ValueError: the task is not ``lm`` or the data lacks a vocabulary.
@@ -300,4 +325,5 @@ def build_gpt(
         n_embd=n_embd,
         dropout=dropout,
         bias=bias,
+        drop_path=drop_path,
     )

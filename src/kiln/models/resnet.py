@@ -4,6 +4,8 @@ Why this shape: a 3x3 stem without max-pool keeps small images (8x8 digits, 32x3
 being downsampled away, and ``depths``/``width`` scale it from a seconds-long CPU test up to a
 ResNet-20-like network (``depths=(3, 3, 3)``). Each block's forward is kept to three lines so
 later techniques (stochastic depth, surgery, hooks) have one obvious place to attach.
+Stochastic depth (``drop_path``) drops each block's branch per sample with a rate that grows
+linearly over the blocks (:func:`kiln.models.layers.drop_path_rates`).
 
 Example:
     >>> import torch
@@ -21,6 +23,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from kiln.models.layers import DropPath, drop_path_rates
+
 if TYPE_CHECKING:
     from kiln.data.base import DataInfo
 
@@ -37,12 +41,15 @@ class BasicBlock(nn.Module):
 
     The shortcut is the identity when shape is kept, else a strided 1x1 conv + BN projection.
     ReLUs are not in-place so forward/backward hooks (saliency, feature extraction) see the
-    tensors they expect.
+    tensors they expect. With ``drop_path > 0`` the branch is dropped per sample in training
+    (``relu(drop_path(branch(x)) + shortcut(x))``); ``self.drop_path`` has no parameters, so
+    the state_dict keys do not depend on it.
 
     Args:
         in_channels: channels of the input.
         out_channels: channels of the output.
         stride: 2 halves the spatial size (first block of a stage), 1 keeps it.
+        drop_path: stochastic-depth rate of this block's branch, in ``[0, 1)``.
 
     Example:
         >>> import torch
@@ -51,7 +58,9 @@ class BasicBlock(nn.Module):
         torch.Size([2, 16, 4, 4])
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int = 1, drop_path: float = 0.0
+    ) -> None:
         super().__init__()
         self.branch = nn.Sequential(
             OrderedDict(
@@ -69,6 +78,7 @@ class BasicBlock(nn.Module):
                 nn.BatchNorm2d(out_channels),
             )
         self.act = nn.ReLU()
+        self.drop_path = DropPath(drop_path)
 
     def zero_init_last(self) -> None:
         """Set the branch's last BN scale to 0, so the block starts as ``relu(shortcut(x))``."""
@@ -78,8 +88,7 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, C_in, H, W) -> (N, C_out, H / stride, W / stride)``."""
-        out = self.branch(x)
-        # Stochastic depth drops `out` here (per sample), before it joins the shortcut.
+        out = self.drop_path(self.branch(x))  # per-sample stochastic depth (training only)
         return self.act(out + self.shortcut(x))
 
 
@@ -98,6 +107,9 @@ class ResNet(nn.Module):
         dropout: dropout probability before ``fc`` (0 disables it).
         zero_init_residual: start each block's last BN at gamma 0, so every block begins as
             (ReLU of) its shortcut; often helps deeper nets train at high learning rates.
+        drop_path: stochastic-depth rate of the last block, in ``[0, 1)``; block ``i`` of ``n``
+            (counted over all stages) uses ``drop_path * i / (n - 1)``, so the first block is
+            never dropped. 0 disables it.
 
     Example:
         >>> import torch
@@ -114,6 +126,7 @@ class ResNet(nn.Module):
         width: int = 16,
         dropout: float = 0.0,
         zero_init_residual: bool = False,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         depths = list(depths)
@@ -126,13 +139,18 @@ class ResNet(nn.Module):
             raise ValueError(f"width must be >= 1, got {width}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        rates = iter(drop_path_rates(drop_path, sum(depths)))
         self.stem = nn.Sequential(_conv3x3(in_channels, width), nn.BatchNorm2d(width), nn.ReLU())
         stages: list[nn.Module] = []
         channels = width
         for i, depth in enumerate(depths):
             out_channels = width * 2**i
-            blocks = [BasicBlock(channels, out_channels, stride=1 if i == 0 else 2)]
-            blocks += [BasicBlock(out_channels, out_channels) for _ in range(depth - 1)]
+            stride = 1 if i == 0 else 2
+            blocks = [BasicBlock(channels, out_channels, stride, drop_path=next(rates))]
+            blocks += [
+                BasicBlock(out_channels, out_channels, drop_path=next(rates))
+                for _ in range(depth - 1)
+            ]
             stages.append(nn.Sequential(*blocks))
             channels = out_channels
         self.stages = nn.Sequential(*stages)
@@ -166,6 +184,7 @@ def build_resnet(
     width: int = 16,
     dropout: float = 0.0,
     zero_init_residual: bool = False,
+    drop_path: float = 0.0,
 ) -> ResNet:
     """A :class:`ResNet` for the data's image shape and classes.
 
@@ -175,6 +194,7 @@ def build_resnet(
         width: see :class:`ResNet`.
         dropout: see :class:`ResNet`.
         zero_init_residual: see :class:`ResNet`.
+        drop_path: see :class:`ResNet`.
 
     Raises:
         ValueError: the task is not classification, or the inputs are not images.
@@ -204,4 +224,5 @@ def build_resnet(
         width=width,
         dropout=dropout,
         zero_init_residual=zero_init_residual,
+        drop_path=drop_path,
     )
