@@ -198,6 +198,73 @@ def prune(
     )
 
 
+_ARGS_HELP = "RUN directory or CONFIG.yaml, then key.sub=value overrides"
+_EXTRA = {"ignore_unknown_options": True, "allow_extra_args": True}
+
+
+@app.command(context_settings=_EXTRA)
+def inspect(
+    args: Annotated[list[str], typer.Argument(help=_ARGS_HELP, show_default=False)],
+    saliency: Annotated[int, typer.Option(help="saliency maps for N test samples (0 = none)")] = 0,
+    method: Annotated[
+        str, typer.Option(help="saliency: gradient, grad_x_input, smoothgrad, gradcam")
+    ] = "gradient",
+    out: Annotated[str | None, typer.Option(help="folder for PNGs and JSON")] = None,
+    debug: Debug = False,
+) -> None:
+    """Model summary, activation/gradient statistics, histograms and saliency maps."""
+    from kiln.cli.errors import run_cli
+    from kiln.cli.inspect import run_inspect
+
+    run_cli(lambda: run_inspect(args, saliency=saliency, method=method, out=out), debug=debug)
+
+
+@app.command(context_settings=_EXTRA)
+def profile(
+    args: Annotated[list[str], typer.Argument(help=_ARGS_HELP, show_default=False)],
+    bottleneck: Annotated[
+        bool, typer.Option("--bottleneck", help="where the time goes: data/fwd/bwd/optim/syncs")
+    ] = False,
+    steps: Annotated[int, typer.Option(help="active profiled steps")] = 5,
+    out: Annotated[str | None, typer.Option(help="folder for the trace and tables")] = None,
+    debug: Debug = False,
+) -> None:
+    """torch.profiler over a few training steps: trace, top ops by time and memory."""
+    from kiln.cli.errors import run_cli
+    from kiln.cli.profile import run_profile
+
+    run_cli(lambda: run_profile(args, bottleneck=bottleneck, steps=steps, out=out), debug=debug)
+
+
+@app.command(context_settings=_EXTRA)
+def doctor(
+    args: Annotated[list[str], typer.Argument(help=_ARGS_HELP, show_default=False)],
+    debug: Debug = False,
+) -> None:
+    """Find common training mistakes: what, where, why it matters, how to fix, measured cost."""
+    from kiln.cli.doctor import run_doctor
+    from kiln.cli.errors import run_cli
+
+    run_cli(lambda: run_doctor(args), debug=debug)
+
+
+@app.command(context_settings=_EXTRA)
+def bench(
+    args: Annotated[list[str], typer.Argument(help=_ARGS_HELP, show_default=False)],
+    apply: Annotated[
+        bool, typer.Option("--apply", help="write the fastest config within accuracy tolerance")
+    ] = False,
+    repeats: Annotated[int, typer.Option(help="repeats per variant (median)")] = 3,
+    out: Annotated[str | None, typer.Option(help="folder for the table and JSON")] = None,
+    debug: Debug = False,
+) -> None:
+    """Technique ablation: time, memory and accuracy of one change at a time vs a baseline."""
+    from kiln.cli.bench import run_bench
+    from kiln.cli.errors import run_cli
+
+    run_cli(lambda: run_bench(args, apply=apply, repeats=repeats, out=out), debug=debug)
+
+
 @app.command()
 def env() -> None:
     """Versions, threads and devices: what a bug report needs."""
