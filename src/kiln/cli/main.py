@@ -212,7 +212,11 @@ def inspect(
     out: Annotated[str | None, typer.Option(help="folder for PNGs and JSON")] = None,
     debug: Debug = False,
 ) -> None:
-    """Model summary, activation/gradient statistics, histograms and saliency maps."""
+    """Model summary, activation/gradient statistics, histograms and saliency maps.
+
+    Options as overrides: inspect.anomaly, inspect.layer, inspect.mode, inspect.split,
+    inspect.batch, inspect.samples, inspect.noise, inspect.depth, inspect.bins.
+    """
     from kiln.cli.errors import run_cli
     from kiln.cli.inspect import run_inspect
 
