@@ -1,0 +1,1 @@
+"""Performance tools: profiling, technique benchmarks and the training doctor."""

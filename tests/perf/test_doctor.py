@@ -1,0 +1,600 @@
+"""The training doctor: one small buggy loop per mistake, each found with its code and place.
+
+Every fixture below is a hand-written loop with exactly one mistake (the clean loop has none).
+A finding must carry the right code and a ``where`` that points at the right module or at the
+``file:line`` of the offending call in the fixture's own source.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from kiln.cli.doctor import doctor_config
+from kiln.config import load_config
+from kiln.doctor import Finding, check
+from kiln.perf.doctor_checks import (
+    ADVICE,
+    cudnn_shape_findings,
+    format_report,
+    loader_findings,
+    short_path,
+)
+
+
+def site(fn: Callable[..., Any], text: str) -> str:
+    """``file:line`` of the first line of ``fn``'s source that contains ``text``."""
+    fn = inspect.unwrap(fn)
+    lines, start = inspect.getsourcelines(fn)
+    hit = next(i for i, line in enumerate(lines) if text in line)
+    return f"{short_path(inspect.getsourcefile(fn) or '')}:{start + hit}"
+
+
+def data(n: int = 48, batch_size: int = 8, **kwargs: Any) -> DataLoader[Any]:
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randn(n, 8, generator=g), torch.randint(0, 3, (n,), generator=g))
+    return DataLoader(ds, batch_size=batch_size, **kwargs)
+
+
+def net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 3)
+    )
+
+
+@dataclass
+class Case:
+    """A loop for :func:`check`, the finding it must produce and where it must point."""
+
+    model: nn.Module
+    loader: Any
+    step: Callable[[Any], Any]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    code: str = ""
+    where: list[str] = field(default_factory=list)
+
+    def run(self) -> list[Finding]:
+        return check(self.model, self.loader, self.step, **self.kwargs)
+
+
+def plain_step(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[Any], None]:
+    def step(batch: Any) -> None:
+        x, y = batch
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def good_eval(model: nn.Module) -> Callable[[Any], torch.Tensor]:
+    @torch.inference_mode()
+    def evaluate(batch: Any) -> torch.Tensor:
+        model.eval()
+        try:
+            return F.cross_entropy(model(batch[0]), batch[1])
+        finally:
+            model.train()
+
+    return evaluate
+
+
+# ---------------------------------------------------------------------- the loops
+
+
+@pytest.fixture
+def clean() -> Case:
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    total = torch.zeros(())
+
+    def step(batch: Any) -> None:
+        nonlocal total
+        x, y = batch
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        total += loss.detach()
+
+    return Case(model, data(), step, {"optimizer": opt, "eval_fn": good_eval(model)})
+
+
+@pytest.fixture
+def eval_mode_in_train() -> Case:
+    model = net()
+    model.eval()  # left over from an evaluation
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = plain_step(model, opt)
+    where = ["1 (BatchNorm1d)", "3 (Dropout)", site(step, "model(x)")]
+    return Case(model, data(), step, {"optimizer": opt}, "eval-mode-in-train", where)
+
+
+@pytest.fixture
+def train_mode_in_eval() -> Case:
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    @torch.inference_mode()
+    def evaluate(batch: Any) -> torch.Tensor:
+        return model(batch[0])  # no model.eval()
+
+    kwargs = {"optimizer": opt, "eval_fn": evaluate}
+    where = ["1 (BatchNorm1d)", "3 (Dropout)", site(evaluate, "model(batch[0])")]
+    return Case(model, data(), plain_step(model, opt), kwargs, "train-mode-in-eval", where)
+
+
+@pytest.fixture
+def grad_in_eval() -> Case:
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def evaluate(batch: Any) -> torch.Tensor:
+        model.eval()
+        out = model(batch[0])  # autograd records all of it
+        model.train()
+        return out
+
+    kwargs = {"optimizer": opt, "eval_fn": evaluate}
+    where = [site(evaluate, "out = model(batch[0])")]
+    return Case(model, data(), plain_step(model, opt), kwargs, "grad-in-eval", where)
+
+
+@pytest.fixture
+def missing_zero_grad() -> Case:
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def step(batch: Any) -> None:
+        x, y = batch
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return Case(model, data(), step, {}, "missing-zero-grad", [site(step, "opt.step()")])
+
+
+@pytest.fixture
+def losses_appended() -> Case:
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses: list[torch.Tensor] = []
+
+    def step(batch: Any) -> None:
+        x, y = batch
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss)
+
+    where = [site(step, "losses.append(loss)")]
+    return Case(model, data(), step, {"optimizer": opt}, "graph-kept", where)
+
+
+@pytest.fixture
+def loss_summed() -> Case:
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    total = torch.zeros(())
+
+    def step(batch: Any) -> None:
+        nonlocal total
+        x, y = batch
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        total += loss
+
+    where = [site(step, "total += loss")]
+    return Case(model, data(), step, {"optimizer": opt}, "graph-kept", where)
+
+
+@pytest.fixture
+def item_in_step() -> Case:
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    history: list[float] = []
+
+    def step(batch: Any) -> None:
+        x, y = batch
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        history.append(loss.item())
+
+    where = [site(step, "loss.item()")]
+    return Case(model, data(), step, {"optimizer": opt}, "host-sync", where)
+
+
+@pytest.fixture
+def batch_on_wrong_device() -> Case:
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(batch: Any) -> None:
+        x, y = batch
+        out = model(x.to("meta"))  # the "meta" device stands in for a GPU here
+        F.cross_entropy(out, y).backward()
+        opt.step()
+
+    where = ["0 (Linear)", site(step, "model(x.to")]
+    return Case(model, data(), step, {"optimizer": opt}, "wrong-device", where)
+
+
+class Masked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+        self.mask = torch.ones(3, device="meta")  # a plain attribute: not moved by .to()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+@pytest.fixture
+def unregistered_tensor() -> Case:
+    model = Masked()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = plain_step(model, opt)
+    return Case(model, data(), step, {"optimizer": opt}, "wrong-device", ["mask (Masked)"])
+
+
+@pytest.fixture
+def frozen_in_optimizer() -> Case:
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.0)
+
+    def step(batch: Any) -> None:
+        x, y = batch
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)  # frozen weights keep a zero .grad
+
+    step(next(iter(data())))  # trained a while, then the first layer was frozen
+    model[0].requires_grad_(False)
+    return Case(model, data(), step, {"optimizer": opt}, "frozen-in-optimizer", ["0.weight"])
+
+
+@pytest.fixture
+def decay_on_bias() -> Case:
+    model = net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    where = ["0.bias", "1.weight"]
+    return Case(
+        model, data(), plain_step(model, opt), {"optimizer": opt}, "decay-on-bias-norm", where
+    )
+
+
+@pytest.fixture
+def batchnorm_last_batch_of_one() -> Case:
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    where = ["batch_size=8", "1 (BatchNorm1d)"]  # 49 % 8 == 1
+    return Case(
+        model, data(n=49), plain_step(model, opt), {"optimizer": opt}, "batchnorm-batch-1", where
+    )
+
+
+@pytest.fixture
+def batchnorm_batch_of_one() -> Case:
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = [(torch.randn(1, 8), torch.tensor([1]))] * 3
+    step = plain_step(model, opt)
+    where = ["1 (BatchNorm1d)", site(step, "model(x)")]
+    return Case(model, batches, step, {"optimizer": opt}, "batchnorm-batch-1", where)
+
+
+class SlowDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Per-example work (think: JPEG decoding) done in the training process."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        time.sleep(0.002)
+        return torch.randn(8), torch.tensor(i % 3)
+
+
+@pytest.fixture
+def starved_loader() -> Case:
+    model = nn.Linear(8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(SlowDataset(), batch_size=8, num_workers=0)
+    where = ["DataLoader(num_workers=0)", "SlowDataset"]
+    return Case(model, loader, plain_step(model, opt), {"optimizer": opt}, "loader-starved", where)
+
+
+@pytest.fixture
+def fp16_on_cpu() -> Case:
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(batch: Any) -> None:
+        x, y = batch
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = model(x)
+        F.cross_entropy(out.float(), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+    where = [site(step, "out = model(x)")]
+    return Case(model, data(), step, {"optimizer": opt}, "fp16-on-cpu", where)
+
+
+@pytest.fixture
+def nondeterministic() -> Iterator[Case]:
+    model = nn.Linear(8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)  # deterministic asked in the config, not set
+    kwargs = {"optimizer": opt, "config": {"deterministic": True}}
+    yield Case(
+        model, data(), plain_step(model, opt), kwargs, "nondeterministic", ["deterministic=true"]
+    )
+    torch.use_deterministic_algorithms(was)
+
+
+@pytest.fixture
+def clip_before_unscale() -> Case:
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+
+    def step(batch: Any) -> None:
+        x, y = batch
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # still scaled by 65536
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    where = [site(step, "clip_grad_norm_")]
+    return Case(model, data(), step, {"optimizer": opt}, "clip-before-unscale", where)
+
+
+@pytest.fixture
+def step_raises() -> Case:
+    model = nn.Linear(8, 3)
+
+    def step(batch: Any) -> None:
+        x, _ = batch
+        model(x)
+        raise KeyError("label")
+
+    return Case(model, data(), step, {}, "step-failed", [site(step, "raise KeyError")])
+
+
+MISTAKES = {  # fixture -> the code it must produce
+    "eval_mode_in_train": "eval-mode-in-train",
+    "train_mode_in_eval": "train-mode-in-eval",
+    "grad_in_eval": "grad-in-eval",
+    "missing_zero_grad": "missing-zero-grad",
+    "losses_appended": "graph-kept",
+    "loss_summed": "graph-kept",
+    "item_in_step": "host-sync",
+    "batch_on_wrong_device": "wrong-device",
+    "unregistered_tensor": "wrong-device",
+    "frozen_in_optimizer": "frozen-in-optimizer",
+    "decay_on_bias": "decay-on-bias-norm",
+    "batchnorm_last_batch_of_one": "batchnorm-batch-1",
+    "batchnorm_batch_of_one": "batchnorm-batch-1",
+    "starved_loader": "loader-starved",
+    "fp16_on_cpu": "fp16-on-cpu",
+    "nondeterministic": "nondeterministic",
+    "clip_before_unscale": "clip-before-unscale",
+    "step_raises": "step-failed",
+}
+
+
+# ---------------------------------------------------------------------- the tests
+
+
+def test_clean_loop_has_no_findings(clean: Case) -> None:
+    assert clean.run() == []
+
+
+@pytest.mark.parametrize("name", list(MISTAKES))
+def test_each_mistake_is_found_where_it_is(name: str, request: pytest.FixtureRequest) -> None:
+    case: Case = request.getfixturevalue(name)
+    assert case.code == MISTAKES[name]
+    findings = case.run()
+    assert [f.code for f in findings] == [case.code], format_report(findings)
+    found = findings[0]
+    for needle in case.where:
+        assert needle in found.where, (needle, found.where)
+    assert found.what and found.why == ADVICE[found.code].why and found.fix
+
+
+def test_every_check_has_a_fixture() -> None:
+    simulated = {"pin-memory-off", "cudnn-benchmark-shapes"}  # GPU-only: simulated below
+    assert set(MISTAKES.values()) | simulated == set(ADVICE)
+
+
+def test_costs_are_measured(
+    missing_zero_grad: Case, frozen_in_optimizer: Case, clip_before_unscale: Case
+) -> None:
+    grown = missing_zero_grad.run()[0].cost or ""
+    norms = [float(v.rstrip(",")) for v in grown.split(":")[1].split("(")[0].split()]
+    assert len(norms) == 3 and norms[-1] > norms[0]  # gradients pile up
+    moved = frozen_in_optimizer.run()[0]
+    assert moved.severity == "error" and "changed during" in (moved.cost or "")
+    clipped = clip_before_unscale.run()[0]
+    assert "loss scale 65536" in (clipped.cost or "")
+
+
+def test_sync_on_cpu_is_a_note_with_a_count(item_in_step: Case) -> None:
+    found = item_in_step.run()[0]
+    assert found.severity == "info" and "1x per step" in found.what and found.cost
+
+
+def test_frozen_without_stale_grads_is_a_warning() -> None:
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model[0].requires_grad_(False)
+    findings = check(model, data(), plain_step(model, opt), optimizer=opt)
+    assert [(f.code, f.severity) for f in findings] == [("frozen-in-optimizer", "warning")]
+
+
+def test_clip_after_unscale_is_clean_and_scaler_is_found() -> None:
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+
+    def step(batch: Any) -> None:
+        x, y = batch
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    assert check(model, data(), step, optimizer=opt, scaler=scaler) == []
+
+
+def test_state_is_restored_and_patches_removed(missing_zero_grad: Case) -> None:
+    before = {k: v.clone() for k, v in missing_zero_grad.model.state_dict().items()}
+    rng = torch.get_rng_state()
+    missing_zero_grad.run()
+    after = missing_zero_grad.model.state_dict()
+    for k, v in before.items():
+        torch.testing.assert_close(after[k], v, rtol=0, atol=0)
+    assert all(p.grad is None for p in missing_zero_grad.model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert "item" not in vars(torch.Tensor) and "__float__" not in vars(torch.Tensor)
+    assert torch.autograd.backward.__module__ == "torch.autograd"
+
+
+def test_steps_must_be_positive(clean: Case) -> None:
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        check(clean.model, clean.loader, clean.step, steps=0)
+
+
+def test_pin_memory_off_with_a_gpu_is_reported() -> None:
+    model = nn.Linear(8, 3)
+    found = loader_findings(data(), model, torch.device("cuda"))  # the device a GPU run sees
+    assert [f.code for f in found] == ["pin-memory-off"]
+    assert "pin_memory=False" in found[0].where
+    assert loader_findings(data(pin_memory=True), model, torch.device("cuda")) == []
+    assert loader_findings(data(), model, torch.device("cpu")) == []
+
+
+def test_cudnn_benchmark_with_changing_shapes_is_reported() -> None:
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten())
+    cuda = torch.device("cuda")
+    changing = [((8, 1, 16, w),) for w in (16, 20, 24)]
+    steady = [((8, 1, 16, 16),), ((8, 1, 16, 16),), ((3, 1, 16, 16),)]  # a short last batch
+    found = cudnn_shape_findings(conv, changing, cuda, benchmark=True)
+    assert [f.code for f in found] == ["cudnn-benchmark-shapes"]
+    assert "8x1x16x20" in found[0].where
+    assert cudnn_shape_findings(conv, steady, cuda, benchmark=True) == []
+    assert cudnn_shape_findings(conv, changing, cuda, benchmark=False) == []
+    assert cudnn_shape_findings(nn.Linear(4, 4), changing, cuda, benchmark=True) == []
+
+
+def test_input_shapes_are_recorded_for_the_cudnn_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LazyLinear(3))
+    conv(torch.randn(1, 1, 8, 8))
+    seen: list[Any] = []
+
+    def spy(model: nn.Module, shapes: Any, device: Any, **kw: Any) -> list[Finding]:
+        seen.extend(shapes)
+        return []
+
+    monkeypatch.setattr("kiln.perf.doctor.cudnn_shape_findings", spy)
+    batches = [torch.randn(2, 1, 8, 8) for _ in range(3)]
+    check(conv, batches, lambda x: conv(x).sum().backward())
+    assert seen == [((2, 1, 8, 8),)] * 3
+
+
+def test_kilns_own_loop_is_clean() -> None:
+    fast = ["data.batch_size=32", "model.kwargs.hidden=[32]"]
+    findings, ran = doctor_config(load_config("configs/digits_mlp.yaml", fast))
+    assert findings == [], format_report(findings)
+    assert "3 steps" in ran
+
+
+def test_kilns_own_fp16_loop_only_reports_fp16_on_cpu() -> None:
+    # Accumulation, clipping and a GradScaler: no missing zero_grad, no clip before unscale,
+    # no syncs from the scaler's own inf checks.
+    overrides = [
+        "precision=fp16",
+        "allow_fp16_cpu=true",
+        "train.accumulate=2",
+        "train.clip_norm=1.0",
+        "model.kwargs.hidden=[32]",
+    ]
+    with pytest.warns(RuntimeWarning, match="running fp16 on CPU"):
+        findings, ran = doctor_config(load_config("configs/digits_mlp.yaml", overrides))
+    assert [f.code for f in findings] == ["fp16-on-cpu"], format_report(findings)
+    assert "5 steps" in ran and "x" in (findings[0].cost or "")
+
+
+# ---------------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.gpu
+def test_gpu_batch_left_on_cpu_and_pin_memory() -> None:
+    model = net().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = plain_step(model, opt)  # never moves the batch
+    findings = check(model, data(), step, optimizer=opt)
+    codes = [f.code for f in findings]
+    assert codes == ["wrong-device", "pin-memory-off"], format_report(findings)
+    assert site(step, "model(x)") in findings[0].where
+
+
+@pytest.mark.gpu
+def test_gpu_item_is_a_warning_and_cudnn_shapes() -> None:
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).cuda()
+    opt = torch.optim.SGD(conv.parameters(), lr=0.1)
+    batches = [torch.randn(4, 1, 16, w, device="cuda") for w in (16, 20, 24)]
+    values: list[float] = []
+
+    def step(x: torch.Tensor) -> None:
+        loss = conv(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        values.append(loss.item())
+
+    was = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        findings = check(conv, batches, step, optimizer=opt)
+    finally:
+        torch.backends.cudnn.benchmark = was
+    by_code = {f.code: f for f in findings}
+    assert set(by_code) == {"host-sync", "cudnn-benchmark-shapes"}, format_report(findings)
+    assert by_code["host-sync"].severity == "warning"
+    assert by_code["host-sync"].where == site(step, "loss.item()")
+
+
+# ---------------------------------------------------------------------- docstring examples
+
+
+@pytest.mark.parametrize(
+    "name", ["kiln.perf.doctor", "kiln.perf.doctor_checks", "kiln.doctor", "kiln.cli.doctor"]
+)
+def test_docstring_examples(name: str) -> None:
+    import doctest
+    import importlib
+
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {name}"
+    assert result.attempted > 0
