@@ -15,6 +15,6 @@ Example:
 """
 
 from kiln.perf.doctor import check
-from kiln.perf.doctor_checks import Finding
+from kiln.perf.doctor_findings import Finding
 
 __all__ = ["Finding", "check"]

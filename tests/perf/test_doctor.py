@@ -22,13 +22,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from kiln.cli.doctor import doctor_config
 from kiln.config import load_config
 from kiln.doctor import Finding, check
-from kiln.perf.doctor_checks import (
-    ADVICE,
-    cudnn_shape_findings,
-    format_report,
-    loader_findings,
-    short_path,
-)
+from kiln.perf.doctor_checks import cudnn_shape_findings, loader_findings
+from kiln.perf.doctor_findings import ADVICE, format_report
+from kiln.perf.doctor_sites import short_path
 
 
 def site(fn: Callable[..., Any], text: str) -> str:
@@ -588,7 +584,15 @@ def test_gpu_item_is_a_warning_and_cudnn_shapes() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["kiln.perf.doctor", "kiln.perf.doctor_checks", "kiln.doctor", "kiln.cli.doctor"]
+    "name",
+    [
+        "kiln.perf.doctor",
+        "kiln.perf.doctor_checks",
+        "kiln.perf.doctor_findings",
+        "kiln.perf.doctor_sites",
+        "kiln.doctor",
+        "kiln.cli.doctor",
+    ],
 )
 def test_docstring_examples(name: str) -> None:
     import doctest

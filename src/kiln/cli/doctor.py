@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch stays unimported until the verb runs (fast `kiln --help`)
     from kiln.config import Config
-    from kiln.perf.doctor_checks import Finding
+    from kiln.perf.doctor_findings import Finding
 
 
 def load_job(args: list[str]) -> Config:
@@ -155,7 +155,7 @@ def doctor_config(cfg: Config, *, steps: int | None = None) -> tuple[list[Findin
 
 def run_doctor(args: list[str]) -> None:
     """``kiln doctor``: print the findings for the job ``args`` names (exit code 0)."""
-    from kiln.perf.doctor_checks import format_report
+    from kiln.perf.doctor_findings import format_report
 
     cfg = load_job(args)
     findings, ran = doctor_config(cfg)
