@@ -11,17 +11,15 @@ import torch
 from torch import nn
 
 from kiln.config import Config
-from kiln.perf.profile import (
+from kiln.perf.measure import (
     OpRow,
-    ProfilerCallback,
-    Schedule,
     cpu_peak_bytes,
     measurement_config,
     op_rows,
     ops_markdown,
-    profile_training,
     resident_bytes,
 )
+from kiln.perf.profile import ProfilerCallback, Schedule, profile_training
 
 
 @pytest.fixture(autouse=True)

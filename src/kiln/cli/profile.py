@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch stays unimported until the verb runs
     from kiln.perf.bottleneck import BottleneckReport
-    from kiln.perf.profile import OpRow, ProfileResult
+    from kiln.perf.measure import OpRow
+    from kiln.perf.profile import ProfileResult
 
 _PROFILE_OPTIONS: dict[str, tuple[type, Any]] = {
     "wait": (int, 1),

@@ -53,7 +53,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from kiln.config import Config
-from kiln.perf.profile import OpRow, measurement_config, op_rows
+from kiln.perf.measure import OpRow, measurement_config, op_rows
 
 __all__ = [
     "PHASES",
