@@ -15,6 +15,7 @@ SCRIPTS = [
     "regularizers.py",
     "checkpointing.py",
     "compile.py",
+    "quantize.py",
     pytest.param("ddp_scaling.py", marks=pytest.mark.distributed),
 ]
 
