@@ -137,6 +137,27 @@ def consolidate(
 
 
 @app.command()
+def export(
+    runs: Annotated[list[str], typer.Argument(help="run directory (several = one ensemble model)")],
+    format: Annotated[
+        str, typer.Option("--format", help="torchscript, exported or onnx")
+    ] = "exported",
+    fuse: Annotated[
+        bool, typer.Option("--fuse", help="fold conv-bn and linear chains first")
+    ] = False,
+    out: Annotated[
+        str | None, typer.Option(help="output folder (default: RUN/export/FORMAT)")
+    ] = None,
+    debug: Debug = False,
+) -> None:
+    """Export a trained run to TorchScript, torch.export (.pt2) or ONNX, with a parity check."""
+    from kiln.cli.errors import run_cli
+    from kiln.cli.export import run_export
+
+    run_cli(lambda: run_export(runs, format=format, fuse=fuse, out=out), debug=debug)
+
+
+@app.command()
 def quantize(
     run: Annotated[str, typer.Argument(help="run directory (its model.safetensors)")],
     method: Annotated[

@@ -1,0 +1,56 @@
+"""``kiln export RUN... --format torchscript|exported|onnx``: a deployable file plus a parity check.
+
+Reads the run's ``model.safetensors`` (several runs make one ensemble model), exports it with
+:func:`kiln.deploy.export.export_runs` to ``RUN/export/FORMAT/`` (or ``--out``), and prints the
+file, its size and the parity table (exported vs eager on test inputs at two batch sizes).
+``manifest.json`` next to the file records the same numbers.
+
+Torch is imported inside the function, so ``kiln --help`` stays fast.
+
+Example:
+    >>> run_export(["runs/digits"], format="onnx", fuse=False, out=None)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["run_export"]
+
+_FORMATS = ("torchscript", "exported", "onnx")  # kiln.deploy.export.FORMATS, without torch
+
+
+def _size(n: int) -> str:
+    """Bytes as a short human-readable size."""
+    if n < 1024:
+        return f"{n} B"
+    if n < 1024**2:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / 1024**2:.1f} MiB"
+
+
+def run_export(runs: list[str], *, format: str, fuse: bool, out: str | None) -> Path:
+    """Export the run(s), print the file, size and parity table; returns the model file.
+
+    Raises:
+        ValueError: unknown format (the message lists the allowed ones), incompatible runs,
+            or a parity failure.
+    """
+    if format not in _FORMATS:
+        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(_FORMATS)}")
+    from kiln.deploy.export import export_runs
+
+    result = export_runs(runs, format=format, fuse=fuse, out=out)
+    print(f"{result.format}: {result.path} ({_size(result.bytes)})")
+    method = result.notes.get("method")
+    if method:
+        print(f"method: torch.jit.{method}")
+    if fuse:
+        print(f"fused: {result.manifest['options'].get('fused', 'nothing fused')}")
+    tol = result.manifest["tolerance"]
+    print(f"parity vs eager (tolerance {tol['atol']:g} abs + {tol['rtol']:g} x max|output|):")
+    print(f"  {'batch':>5}  {'max abs':>10}  {'max rel':>10}  ok")
+    for p in result.parity:
+        print(f"  {p.batch:>5}  {p.max_abs:>10.2e}  {p.max_rel:>10.2e}  {'yes' if p.ok else 'NO'}")
+    print(f"manifest: {result.path.parent / 'manifest.json'}")
+    return result.path
