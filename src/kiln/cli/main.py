@@ -158,6 +158,37 @@ def export(
 
 
 @app.command()
+def serve(
+    target: Annotated[str, typer.Argument(help="run directory, or an exported .pt2 / .onnx file")],
+    host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0 = any free port)")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="most requests per forward pass")] = 32,
+    max_delay_ms: Annotated[
+        float, typer.Option(help="longest wait for a fuller batch (0 = take what is queued)")
+    ] = 0.0,
+    queue_size: Annotated[int, typer.Option(help="bounded queue; 503 when full")] = 1024,
+    timeout_s: Annotated[float, typer.Option(help="per-request timeout")] = 10.0,
+    debug: Debug = False,
+) -> None:
+    """Serve a trained run over HTTP with dynamic batching (/predict, /health, /ready, /metrics)."""
+    from kiln.cli.errors import run_cli
+    from kiln.cli.serve import run_serve
+
+    run_cli(
+        lambda: run_serve(
+            target,
+            host=host,
+            port=port,
+            max_batch=max_batch,
+            max_delay_ms=max_delay_ms,
+            queue_size=queue_size,
+            timeout_s=timeout_s,
+        ),
+        debug=debug,
+    )
+
+
+@app.command()
 def quantize(
     run: Annotated[str, typer.Argument(help="run directory (its model.safetensors)")],
     method: Annotated[

@@ -1,0 +1,203 @@
+"""Dynamic batching for ``kiln serve``: one worker thread, one forward pass per gathered batch.
+
+Requests are queued as :class:`Job` objects (a ``(rows, *input_shape)`` tensor and a future).
+The worker takes what is queued now, up to ``max_batch`` examples (greedy), waits up to
+``max_delay_ms`` for more only when that is above zero, runs the model once and routes each
+slice of the output back to its job's future. The queue is bounded: :meth:`Batcher.submit`
+raises :class:`QueueFull` instead of growing without limit.
+
+Example:
+    >>> b = Batcher(lambda x: x * 2, max_batch=8, max_delay_ms=0, queue_size=16)
+    >>> b.start()
+    >>> import torch
+    >>> b.submit(torch.ones(1, 3)).result(timeout=5).tolist()
+    [[2.0, 2.0, 2.0]]
+    >>> b.stop()
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["Batcher", "Job", "QueueFull"]
+
+log = logging.getLogger("kiln.serve")
+
+
+class QueueFull(Exception):
+    """The bounded request queue has no room (the server answers 503)."""
+
+
+@dataclass
+class Job:
+    """One queued request: its input rows and the future its answer goes to."""
+
+    x: torch.Tensor
+    future: Future[torch.Tensor] = field(default_factory=Future)
+
+    @property
+    def rows(self) -> int:
+        """Examples in this request."""
+        return int(self.x.shape[0])
+
+
+class Batcher:
+    """Gathers queued requests into batches for one worker thread."""
+
+    def __init__(
+        self,
+        predict: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        max_batch: int,
+        max_delay_ms: float,
+        queue_size: int,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        """Set up an idle batcher; call :meth:`start` to run the worker.
+
+        Args:
+            predict: the model, batch tensor in, batch tensor out.
+            max_batch: most examples per forward pass (a larger single request runs alone).
+            max_delay_ms: longest wait for a fuller batch; 0 takes what is queued.
+            queue_size: most queued requests before :meth:`submit` raises :class:`QueueFull`.
+            on_batch: called with the rows of each forward pass (metrics).
+
+        Raises:
+            ValueError: a non-positive size or a negative delay.
+        """
+        if max_batch < 1 or queue_size < 1 or max_delay_ms < 0:
+            raise ValueError(
+                f"max_batch and queue_size must be >= 1 and max_delay_ms >= 0; got "
+                f"{max_batch}, {queue_size}, {max_delay_ms}"
+            )
+        self.predict = predict
+        self.max_batch = max_batch
+        self.max_delay = max_delay_ms / 1000.0
+        self.queue_size = queue_size
+        self.on_batch = on_batch
+        self._queue: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._busy = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting in the queue now."""
+        return len(self._queue)
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        self._thread = threading.Thread(target=self._run, name="kiln-serve-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, x: torch.Tensor) -> Future[torch.Tensor]:
+        """Queue ``x`` (``(rows, *input_shape)``); returns the future of its output rows.
+
+        Raises:
+            QueueFull: the queue is full, or the batcher is stopping.
+        """
+        job = Job(x)
+        with self._cond:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self._queue) >= self.queue_size:
+                raise QueueFull(f"the request queue is full ({self.queue_size})")
+            self._queue.append(job)
+            self._cond.notify()
+        return job.future
+
+    def drain(self, timeout: float) -> bool:
+        """Refuse new work, let queued and running batches finish; True when all did in time."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            while self._queue or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Drain and join the worker thread."""
+        self.drain(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _take(self) -> list[Job] | None:
+        """Block for the next batch; None once stopping with nothing queued."""
+        with self._cond:
+            while not self._queue:
+                if self._stopping:
+                    return None
+                self._cond.wait(0.5)
+            jobs = [self._queue.popleft()]
+            rows = jobs[0].rows
+            deadline = time.monotonic() + self.max_delay
+            while rows < self.max_batch:
+                if self._queue:
+                    if rows + self._queue[0].rows > self.max_batch:
+                        break
+                    job = self._queue.popleft()
+                    jobs.append(job)
+                    rows += job.rows
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stopping:
+                    break
+                self._cond.wait(left)
+            self._busy = True
+        return jobs
+
+    def _run(self) -> None:
+        """The worker loop: take a batch, run it, answer every job; never dies on an error."""
+        while True:
+            jobs = self._take()
+            if jobs is None:
+                return
+            try:
+                live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+                if live:
+                    self._forward(live)
+            except BaseException:
+                log.exception("batch failed")
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _forward(self, jobs: list[Job]) -> None:
+        """One forward pass over ``jobs``; on failure retry each alone so one bad job fails."""
+        x = jobs[0].x if len(jobs) == 1 else torch.cat([j.x for j in jobs])
+        if self.on_batch is not None:
+            self.on_batch(int(x.shape[0]))
+        try:
+            with torch.inference_mode():
+                out = self.predict(x)
+        except Exception as exc:
+            if len(jobs) == 1:
+                log.error("forward pass failed: %s", exc)
+                jobs[0].future.set_exception(exc)
+                return
+            for job in jobs:
+                try:
+                    with torch.inference_mode():
+                        job.future.set_result(self.predict(job.x))
+                except Exception as one:
+                    log.error("forward pass failed: %s", one)
+                    job.future.set_exception(one)
+            return
+        start = 0
+        for job in jobs:
+            job.future.set_result(out[start : start + job.rows])
+            start += job.rows

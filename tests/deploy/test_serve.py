@@ -1,0 +1,228 @@
+"""``kiln serve``: predictions, batching, malformed input and graceful shutdown, end to end."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import queue
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from helpers.runners import ROOT, kiln_env
+from kiln.config import load_config
+from kiln.deploy.serve import RequestError, load_backend, parse_inputs
+from kiln.train.trainer import Trainer
+from kiln.train.weights import load_model
+
+
+class Server:
+    """A ``kiln serve`` subprocess and its port."""
+
+    def __init__(self, target: Path, log: Path, *args: str) -> None:
+        self.log = log.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kiln", "serve", str(target), "--port", "0", *args],
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=kiln_env(),
+        )
+        lines: queue.Queue[str] = queue.Queue()
+        assert self.proc.stdout is not None
+        out = self.proc.stdout
+
+        def pump() -> None:
+            for x in out:
+                lines.put(x)
+
+        threading.Thread(target=pump, daemon=True).start()
+        line = lines.get(timeout=60)
+        m = re.search(r"http://127\.0\.0\.1:(\d+) \(ready\)", line)
+        assert m, line
+        self.port = int(m.group(1))
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, bytes, dict[str, str]]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            return resp.status, resp.read(), dict(resp.getheaders())
+        finally:
+            conn.close()
+
+    def predict(self, inputs: Any) -> tuple[int, Any]:
+        status, data, _ = self.request("POST", "/predict", json.dumps({"inputs": inputs}).encode())
+        return status, json.loads(data)
+
+    def close(self, *, signal_it: bool = True) -> int:
+        if signal_it and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=30)
+        finally:
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+            self.log.close()
+        return code
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("serve")
+    overrides = [f"out_dir={tmp}", "train.epochs=1", "log.tensorboard=false", "log.progress=false"]
+    cfg = load_config(ROOT / "configs/digits_mlp.yaml", overrides)
+    return Path(Trainer(cfg, verbose=False).fit().run_dir)
+
+
+@pytest.fixture(scope="module")
+def server(run_dir: Path) -> Iterator[Server]:
+    s = Server(run_dir, run_dir / "serve.log", "--max-batch", "32")
+    try:
+        yield s
+    finally:
+        assert s.close() == 0
+
+
+def test_parse_inputs_shapes() -> None:
+    x, single = parse_inputs({"inputs": [0.0] * 4}, (4,))
+    assert single and x.shape == (1, 4)
+    x, single = parse_inputs({"inputs": [[1] * 4, [2] * 4]}, (4,))
+    assert not single and x.shape == (2, 4)
+    cases: list[Any] = [{"inputs": [0.0] * 3}, {"inputs": ["a"] * 4}, {"x": 1}, [1], {"inputs": []}]
+    for bad in cases:
+        with pytest.raises(RequestError) as err:
+            parse_inputs(bad, (4,))
+        assert err.value.status == 422
+
+
+def test_unsupported_target(tmp_path: Path) -> None:
+    f = tmp_path / "model.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(ValueError, match="cannot serve"):
+        load_backend(f)
+    with pytest.raises(FileNotFoundError):
+        load_backend(tmp_path / "missing")
+
+
+@pytest.mark.slow
+def test_predictions_match_eager(server: Server, run_dir: Path) -> None:
+    x = torch.randn(5, 64)
+    with torch.inference_mode():
+        want = torch.softmax(load_model(run_dir)(x), dim=-1)
+    status, body = server.predict(x.tolist())
+    assert status == 200
+    got = torch.tensor([o["probabilities"] for o in body["outputs"]])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert [o["class_index"] for o in body["outputs"]] == want.argmax(-1).tolist()
+    status, one = server.predict(x[0].tolist())
+    assert status == 200 and len(one["outputs"]) == 1
+    for path in ("/health", "/ready", "/openapi.json"):
+        assert server.request("GET", path)[0] == 200
+    assert "/predict" in json.loads(server.request("GET", "/openapi.json")[1])["paths"]
+
+
+def _batches(server: Server) -> tuple[int, int]:
+    """Forward passes of at most 2 rows, and all forward passes, so far."""
+    text = server.request("GET", "/metrics")[1].decode()
+    small = re.search(r'kiln_serve_batch_size_bucket\{le="2"\} (\d+)', text)
+    total = re.search(r"kiln_serve_batch_size_count (\d+)", text)
+    assert small and total, text
+    return int(small.group(1)), int(total.group(1))
+
+
+@pytest.mark.slow
+def test_concurrent_requests_are_batched(server: Server) -> None:
+    xs = [torch.randn(64).tolist() for _ in range(32)]
+    before = _batches(server)
+    barrier = threading.Barrier(32)
+
+    def call(x: list[float]) -> tuple[int, Any]:
+        barrier.wait()
+        return server.predict([x] * 2)
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(call, xs))
+    single = [server.predict(x)[1]["outputs"][0] for x in xs[:4]]
+    for (status, body), one in zip(answers, single + [None] * 28, strict=True):
+        assert status == 200 and len(body["outputs"]) == 2
+        if one is not None:
+            assert body["outputs"][0]["probabilities"] == pytest.approx(
+                one["probabilities"], abs=1e-5
+            )
+    after = _batches(server)
+    # every request carries 2 rows: a forward pass over more than 2 rows batched requests
+    assert after[1] - before[1] > after[0] - before[0], (before, after)
+    metrics = server.request("GET", "/metrics")[1].decode()
+    assert (
+        "kiln_serve_queue_depth" in metrics and 'kiln_serve_requests_total{code="200"}' in metrics
+    )
+
+
+@pytest.mark.slow
+def test_malformed_stream_never_5xx(server: Server) -> None:
+    rng = random.Random(0)
+    good = json.dumps({"inputs": [0.5] * 64}).encode()
+    bad: list[tuple[str, str, bytes]] = [
+        ("POST", "/predict", json.dumps({"inputs": [0.5] * 63}).encode()),
+        ("POST", "/predict", json.dumps({"inputs": ["a"] * 64}).encode()),
+        ("POST", "/predict", b""),
+        ("POST", "/predict", b"{" * 10 + b"not json"),
+        ("POST", "/predict", b"[" * 100000),
+        ("POST", "/predict", b" " * (2 << 20)),
+        ("POST", "/predict", json.dumps({"x": 1}).encode()),
+        ("POST", "/predict", b'{"inputs": NaN}'),
+        ("GET", "/predict", b""),
+        ("GET", "/nowhere", b""),
+        ("DELETE", "/health", b""),
+    ]
+    jobs = [
+        ("POST", "/predict", good) if rng.random() > 0.2 else rng.choice(bad) for _ in range(300)
+    ]
+
+    def call(job: tuple[str, str, bytes]) -> int:
+        method, path, body = job
+        try:
+            return server.request(method, path, body or None)[0]
+        except (ConnectionError, http.client.HTTPException):
+            return 499  # the server closed an oversized upload early: still not a 5xx
+
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(call, jobs))
+    assert all(c < 500 for c in codes), sorted(set(codes))
+    assert codes.count(200) >= 0.7 * len(codes)
+    assert {400, 413, 422, 404, 405} <= set(codes)
+    assert server.request("GET", "/ready")[0] == 200
+    status, _, _ = server.request("POST", "/predict", b"x", {"Content-Length": str(5 << 20)})
+    assert status == 413
+
+
+@pytest.mark.slow
+def test_sigterm_drains_in_flight(run_dir: Path) -> None:
+    s = Server(run_dir, run_dir / "serve-drain.log", "--max-delay-ms", "300", "--max-batch", "64")
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            futures = [pool.submit(s.predict, [0.1] * 64) for _ in range(12)]
+            threading.Event().wait(0.15)
+            s.proc.send_signal(signal.SIGTERM)
+            results = [f.result(timeout=30) for f in futures]
+    finally:
+        code = s.close(signal_it=False)
+    assert code == 0
+    assert all(status == 200 for status, _ in results)
