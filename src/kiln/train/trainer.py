@@ -451,7 +451,8 @@ class Trainer:
         """
         engine, model, loss_fn, n = self.engine, self.model, self.loss_fn, self.n_batches
         total = self._group_total[i]
-        check = self.cfg.train.nonfinite != "ignore"
+        # The loss is checked only under fp16 (a NaN loss already makes the fp32/bf16 grads NaN).
+        check = self.cfg.train.nonfinite != "ignore" and engine.precision.kind == "fp16"
         if self.micro == 1:
             pieces: Sequence[tuple[torch.Tensor, torch.Tensor]] = ((x, y),)
         else:
@@ -519,7 +520,8 @@ class Trainer:
 
     def _finite_update(self) -> bool:
         """Whether the group's loss and gradients are finite (one host sync per update)."""
-        return self.engine.grads_finite(self.optimizer, self._group_loss)
+        fp16 = self.engine.precision.kind == "fp16"
+        return self.engine.grads_finite(self.optimizer, self._group_loss if fp16 else None)
 
     def _on_nonfinite(self, x: torch.Tensor) -> str:
         """Apply ``train.nonfinite`` to a non-finite update; returns ``skip`` or ``rollback``."""
