@@ -269,7 +269,7 @@ class Engine:
                 bad.add_(~torch.isfinite(self.grad_norm(optimizer)))
         if self.world.size > 1:
             bad = distributed.all_reduce_max(bad.clone())
-        return not bad.item()
+        return not bool(bad)
 
     def optimizer_step(
         self, optimizer: torch.optim.Optimizer, *, grad_norm: bool = False
