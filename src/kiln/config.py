@@ -393,6 +393,11 @@ class Config(_Strict):
         "auto", description="auto: ddp under torchrun with several processes, else single"
     )
     sync_batchnorm: bool = False
+    detect_anomaly: bool = Field(
+        False,
+        description="autograd anomaly mode: a NaN in backward names the op and its forward line "
+        "(slow; for debugging)",
+    )
     resume: str | None = None
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()

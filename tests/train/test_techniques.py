@@ -411,3 +411,28 @@ def test_model_init_key_applies_the_scheme(make_cfg) -> None:
     assert torch.equal(model.hidden[0].bias, torch.zeros(64))
     with pytest.raises(ValueError, match="zero_init_last"):
         build.build_model_for(make_cfg("model.zero_init_last=true"), build.build_data_for(cfg).info)
+
+
+class SqrtNet(nn.Module):
+    """Its backward produces NaN: d sqrt(x)/dx at x = 0 is inf, times 0 is NaN."""
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc(self.flatten(x))
+        return out + 0.0 * torch.sqrt(out * 0.0)
+
+
+def test_detect_anomaly_names_the_backward_op(make_cfg) -> None:
+    cfg = make_cfg("detect_anomaly=true", "train.nonfinite=ignore")
+    data = build.build_data_for(cfg)
+    trainer = Trainer(cfg, model=SqrtNet(64, 10), data=data, verbose=False)
+    with (
+        pytest.raises(RuntimeError, match="SqrtBackward0"),
+        pytest.warns(UserWarning, match="Error detected in SqrtBackward0"),
+    ):
+        trainer.fit()
+    assert not torch.is_anomaly_enabled()  # switched off again after the run

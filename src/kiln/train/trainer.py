@@ -349,7 +349,14 @@ class Trainer:
         shown = cfg.log.progress if self.is_zero else False
         progress = Progress(self.total_steps, enabled=shown, initial=self.step)
         try:
-            with self._signals(), progress:
+            # Anomaly mode (debugging): a NaN produced in backward raises, naming the op and
+            # the forward line that created it. It slows every step, so it is off by default.
+            anomaly = (
+                torch.autograd.set_detect_anomaly(True, check_nan=True)
+                if cfg.detect_anomaly
+                else nullcontext()
+            )
+            with self._signals(), progress, anomaly:
                 self.progress = progress
                 if self.cfg.train.nonfinite == "rollback" and self.ckpts.last() is None:
                     self._save()  # a state to roll back to before the first update
