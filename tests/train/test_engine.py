@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from kiln.train.engine import Engine
-from kiln.train.trainer import accumulation_weights
+from kiln.train.evaluation import accumulation_weights
 
 
 def _model() -> nn.Module:

@@ -20,221 +20,29 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import math
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from kiln.data.base import DataInfo
+from kiln.deploy.serve_backends import Backend, load_backend
 from kiln.deploy.serve_batcher import Batcher, QueueFull
+from kiln.deploy.serve_inputs import (
+    MAX_BODY,
+    RequestError,
+    format_outputs,
+    openapi,
+    parse_inputs,
+)
 from kiln.deploy.serve_metrics import ServeMetrics
 
 __all__ = ["Backend", "ModelServer", "RequestError", "load_backend", "parse_inputs"]
 
 log = logging.getLogger("kiln.serve")
-
-MAX_BODY = 1 << 20
-"""Largest accepted request body in bytes (checked from Content-Length before reading)."""
-
-
-class RequestError(Exception):
-    """A request the client must fix; carries the HTTP status and a message."""
-
-    def __init__(self, status: int, message: str) -> None:
-        """Remember the status and message."""
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-@dataclass
-class Backend:
-    """A model to serve: a batch predict function and what its data looks like."""
-
-    predict: Callable[[torch.Tensor], torch.Tensor]
-    info: DataInfo
-    kind: str
-    source: str
-
-
-def _read_info(run_dir: Path) -> DataInfo:
-    """The run's ``data_info.json``."""
-    file = run_dir / "data_info.json"
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} is missing; serve needs the run's data description")
-    raw = json.loads(file.read_text())
-    raw["input_shape"] = tuple(raw["input_shape"])
-    return DataInfo(**raw)
-
-
-def _exported_info(path: Path) -> DataInfo:
-    """The data description of an exported file, via its manifest's source run."""
-    manifest = path.parent / "manifest.json"
-    if manifest.is_file():
-        sources = json.loads(manifest.read_text()).get("sources") or []
-        for src in sources:
-            if (Path(src) / "data_info.json").is_file():
-                return _read_info(Path(src))
-    for parent in path.parents:
-        if (parent / "data_info.json").is_file():
-            return _read_info(parent)
-    raise FileNotFoundError(
-        f"cannot find the data description of {path}: no manifest.json naming its run and no "
-        "data_info.json in a parent folder; export it with `kiln export RUN`"
-    )
-
-
-def load_backend(target: str | Path) -> Backend:
-    """Load what ``target`` names: a run directory (eager), a ``.pt2`` or an ``.onnx`` file.
-
-    Raises:
-        FileNotFoundError: the target or its data description is missing.
-        ValueError: the target is not a run directory, ``.pt2`` or ``.onnx`` file, or its task
-            cannot be served yet (``lm``).
-    """
-    p = Path(target)
-    if p.is_dir():
-        from kiln.train.weights import load_model
-
-        info = _read_info(p)
-        model = load_model(p)
-        predict: Callable[[torch.Tensor], torch.Tensor] = model
-        kind = "eager"
-    elif p.is_file() and p.suffix in (".pt2", ".onnx"):
-        from kiln.deploy.export import load_exported
-
-        info = _exported_info(p)
-        kind = "onnx" if p.suffix == ".onnx" else "exported"
-        predict = load_exported(p, kind)
-    elif not p.exists():
-        raise FileNotFoundError(f"{p} does not exist; pass a run directory or a .pt2/.onnx file")
-    else:
-        raise ValueError(
-            f"cannot serve {p}: pass a run directory, an exported .pt2 file or an .onnx file"
-        )
-    if info.task not in ("classification", "regression"):
-        raise ValueError(f"serving {info.task!r} models is not yet supported")
-    return Backend(predict, info, kind, str(p))
-
-
-def _shape_of(value: Any) -> tuple[int, ...]:
-    """The nested-list shape of ``value``, checking it is rectangular and numeric.
-
-    Raises:
-        RequestError: 422 for strings, booleans, null, ragged lists or non-finite numbers.
-    """
-    if isinstance(value, bool) or value is None or isinstance(value, (str, dict)):
-        raise RequestError(422, f"inputs must hold numbers only; found {type(value).__name__}")
-    if isinstance(value, (int, float)):
-        if not math.isfinite(value):
-            raise RequestError(422, "inputs must be finite numbers")
-        return ()
-    if not isinstance(value, list):
-        raise RequestError(422, f"inputs must be nested lists; found {type(value).__name__}")
-    if not value:
-        return (0,)
-    inner = _shape_of(value[0])
-    for item in value[1:]:
-        if _shape_of(item) != inner:
-            raise RequestError(422, "inputs are ragged: nested lists differ in length")
-    return (len(value), *inner)
-
-
-def parse_inputs(body: Any, input_shape: tuple[int, ...]) -> tuple[torch.Tensor, bool]:
-    """Validate a ``/predict`` body; returns ``(rows, *input_shape)`` float32 and single-ness.
-
-    Raises:
-        RequestError: 422 naming the expected shape when the body does not fit.
-    """
-    want = list(input_shape)
-    if not isinstance(body, dict) or "inputs" not in body:
-        raise RequestError(
-            422,
-            f'expected a JSON object {{"inputs": ...}} with shape {want} '
-            f"or [n, {', '.join(map(str, want))}]",
-        )
-    shape = _shape_of(body["inputs"])
-    if shape == tuple(input_shape):
-        single = True
-    elif len(shape) == len(input_shape) + 1 and shape[1:] == tuple(input_shape):
-        single = False
-        if shape[0] == 0:
-            raise RequestError(422, "inputs is an empty list of examples")
-    else:
-        raise RequestError(
-            422,
-            f"inputs has shape {list(shape)}; expected {want} (one example) or "
-            f"[n, {', '.join(map(str, want))}] (a list of examples)",
-        )
-    x = torch.tensor(body["inputs"], dtype=torch.float32)
-    return (x.unsqueeze(0) if single else x), single
-
-
-def format_outputs(out: torch.Tensor, info: DataInfo) -> list[dict[str, Any]]:
-    """Per-example answers: probabilities and label (classification) or values (regression)."""
-    out = out.detach().float().cpu()
-    if info.task == "classification":
-        probs = torch.softmax(out.reshape(out.shape[0], -1), dim=-1)
-        idx = probs.argmax(dim=-1).tolist()
-        names = info.class_names
-        return [
-            {
-                "label": names[i] if names and i < len(names) else i,
-                "class_index": i,
-                "probabilities": p,
-            }
-            for i, p in zip(idx, probs.tolist(), strict=True)
-        ]
-    return [{"values": v} for v in out.reshape(out.shape[0], -1).tolist()]
-
-
-def openapi(info: DataInfo) -> dict[str, Any]:
-    """An OpenAPI 3.0 description of the server's endpoints."""
-    shape = list(info.input_shape)
-    plain = {"200": {"description": "OK"}}
-    return {
-        "openapi": "3.0.3",
-        "info": {"title": "kiln serve", "version": "1"},
-        "paths": {
-            "/predict": {
-                "post": {
-                    "summary": f"Predict; inputs of shape {shape} or [n, *{shape}]",
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["inputs"],
-                                    "properties": {"inputs": {"type": "array"}},
-                                }
-                            }
-                        },
-                    },
-                    "responses": {
-                        "200": {"description": f'{{"outputs": [...]}} ({info.task})'},
-                        "400": {"description": "invalid JSON"},
-                        "413": {"description": f"body over {MAX_BODY} bytes"},
-                        "422": {"description": "inputs missing or of the wrong shape or type"},
-                        "503": {"description": "queue full or shutting down (Retry-After)"},
-                        "504": {"description": "request timed out"},
-                    },
-                }
-            },
-            "/health": {"get": {"summary": "the process is alive", "responses": plain}},
-            "/ready": {"get": {"summary": "model loaded and warmed up", "responses": plain}},
-            "/metrics": {"get": {"summary": "Prometheus text metrics", "responses": plain}},
-            "/openapi.json": {"get": {"summary": "this document", "responses": plain}},
-        },
-    }
 
 
 _ROUTES = {

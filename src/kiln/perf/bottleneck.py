@@ -244,7 +244,7 @@ class _Steps:
 
     def __init__(self, trainer: Any) -> None:
         from kiln.data.loader import batch_sizes
-        from kiln.train.trainer import accumulation_weights
+        from kiln.train.evaluation import accumulation_weights
 
         self.t = trainer
         sizes = batch_sizes(

@@ -7,13 +7,19 @@ module whose output did, so the user knows where to look.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
-from kiln.algorithms.nonfinite import first_nonfinite_module
+from kiln.algorithms.nonfinite import first_nonfinite_module, nonfinite_grads
+from kiln.train import snapshots
+from kiln.train.schedules import scale_lrs
 
-__all__ = ["NonFiniteError", "describe_nonfinite"]
+if TYPE_CHECKING:
+    from kiln.train.trainer import Trainer
+
+__all__ = ["NonFiniteError", "describe_nonfinite", "handle_nonfinite"]
 
 
 class NonFiniteError(RuntimeError):
@@ -46,3 +52,44 @@ def describe_nonfinite(model: nn.Module, x: Any, bad_grads: list[str]) -> str:
     if not parts:
         parts.append("the forward pass is finite on a re-run, so the loss itself overflowed")
     return "; ".join(parts)
+
+
+def handle_nonfinite(self: Trainer, x: torch.Tensor) -> str:
+    """Apply ``train.nonfinite`` to a non-finite update; returns ``skip`` or ``rollback``."""
+    cfg = self.cfg.train
+    policy = cfg.nonfinite
+    if policy == "rollback" and self.rollbacks >= cfg.max_rollbacks:
+        policy = "stop"
+    if policy == "skip":
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_skipped += 1
+        self.step += 1  # the update's slot passes, like a GradScaler skip
+        return "skip"
+    if policy == "rollback":
+        last = self.ckpts.last()
+        self.optimizer.zero_grad(set_to_none=True)
+        if last is None:
+            raise NonFiniteError(f"non-finite update at step {self.step + 1} with no checkpoint")
+        target = self.lr_scale * cfg.rollback_lr_factor
+        count, skipped = self.rollbacks, self.nonfinite_skipped
+        snapshots.restore(self, last)  # sets lr_scale to the checkpoint's
+        scale_lrs(self.optimizer, self.scheduler, target / self.lr_scale)
+        self.lr_scale, self.rollbacks, self.nonfinite_skipped = target, count + 1, skipped
+        if self.verbose and self.is_zero:
+            print(
+                f"non-finite loss or gradient: rolled back to {last.name} (step {self.step}) "
+                f"with LRs x{target:g} (rollback {self.rollbacks}/{cfg.max_rollbacks})",
+                flush=True,
+            )
+        self.logger.log({"train/rollbacks": self.rollbacks}, step=self.step)
+        return "rollback"
+    bad_grads = nonfinite_grads(self.engine.model)  # type: ignore[arg-type]
+    self.optimizer.zero_grad(set_to_none=True)
+    path = self._save()  # the state before the bad update
+    where = describe_nonfinite(self.engine.model, x, bad_grads)  # type: ignore[arg-type]
+    after = f" after {self.rollbacks} rollbacks" if self.rollbacks else ""
+    raise NonFiniteError(
+        f"non-finite loss or gradient at step {self.step + 1} (epoch {self.epoch + 1}, "
+        f"batch {self.batch_in_epoch}){after}: {where}; the weights before it are saved in "
+        f"{path}. Lower optim.lr, set train.clip_norm, or set train.nonfinite=skip|rollback"
+    )

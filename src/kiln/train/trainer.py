@@ -35,14 +35,10 @@ Example:
 from __future__ import annotations
 
 import copy
-import json
 import math
-import signal
-import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -50,23 +46,26 @@ import torch
 from torch import nn
 
 from kiln.algorithms.early_stopping import EarlyStopping
-from kiln.algorithms.nonfinite import nonfinite_grads
 from kiln.config import Config
 from kiln.data.base import DataBundle
 from kiln.data.loader import batch_sizes, start_epoch
-from kiln.losses import LossFn
 from kiln.train import build, distributed, snapshots
 from kiln.train.callbacks import Callbacks
 from kiln.train.checkpoint import CheckpointManager, resolve_checkpoint
-from kiln.train.engine import Engine
-from kiln.train.guard import NonFiniteError, describe_nonfinite
+from kiln.train.evaluation import (
+    evaluate,
+    group_totals,
+    monitor_mode,
+)
+from kiln.train.finish import FitResult, finish
+from kiln.train.guard import handle_nonfinite
 from kiln.train.logging import MetricsLogger, Progress
 from kiln.train.metrics import TaskMetrics
+from kiln.train.microbatch import forward_backward_or_shrink
 from kiln.train.optim import build_optimizer, build_scheduler
 from kiln.train.reproducibility import seed_everything, set_deterministic
-from kiln.train.schedules import scale_lrs
+from kiln.train.signals import stop_on_signals
 from kiln.train.techniques import Techniques, check_techniques
-from kiln.train.weights import save_weights
 
 
 class TrainingInterrupted(Exception):
@@ -75,74 +74,6 @@ class TrainingInterrupted(Exception):
     def __init__(self, reason: str, checkpoint: Path | None, run_dir: Path) -> None:
         self.reason, self.checkpoint, self.run_dir = reason, checkpoint, run_dir
         super().__init__(f"stopped by {reason}; checkpoint saved to {checkpoint}")
-
-
-@dataclass
-class FitResult:
-    """What a finished ``fit()`` returns."""
-
-    run_dir: Path
-    steps: int
-    val: dict[str, float] = field(default_factory=dict)  # best validation metrics
-    test: dict[str, float] = field(default_factory=dict)  # test metrics of the best weights
-    best_checkpoint: Path | None = None
-    stopped: str | None = None  # why training ended early (early stopping, a stop request)
-
-
-def monitor_mode(metric: str, mode: str) -> str:
-    """``auto`` -> max for accuracy-like metrics, min for losses and errors."""
-    if mode != "auto":
-        return mode
-    return (
-        "max" if any(k in metric for k in ("acc", "f1", "auroc", "precision", "recall")) else "min"
-    )
-
-
-def accumulation_weights(sizes: Sequence[int], accumulate: int) -> list[float]:
-    """Loss factor per micro-batch: its share of its group's samples (exact for a short last)."""
-    weights: list[float] = []
-    for start in range(0, len(sizes), accumulate):
-        group = sizes[start : start + accumulate]
-        weights.extend(s / sum(group) for s in group)
-    return weights
-
-
-def _rng_snapshot() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    return torch.get_rng_state(), cuda
-
-
-def _rng_restore(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state_all(state[1])
-
-
-def _group_totals(sizes: Sequence[int], accumulate: int) -> list[int]:
-    """For each batch, the number of samples in its accumulation group."""
-    totals: list[int] = []
-    for start in range(0, len(sizes), accumulate):
-        group = sizes[start : start + accumulate]
-        totals.extend([sum(group)] * len(group))
-    return totals
-
-
-def evaluate(
-    model: nn.Module, loader: Iterable[Any], loss_fn: LossFn, engine: Engine, metrics: TaskMetrics
-) -> dict[str, float]:
-    """Loss and task metrics of ``model`` over ``loader`` (inference mode, one host sync)."""
-    was_training = model.training
-    model.eval()
-    metrics.reset()
-    with torch.inference_mode():
-        for batch in loader:
-            x, y = engine.to_device(batch)
-            with engine.autocast():
-                out = model(x)
-                loss_sum = loss_fn(out, y, reduction="sum")
-            metrics.update(out, y, loss_sum=loss_sum, count=y.numel() if out.dim() == 3 else len(y))
-    model.train(was_training)
-    return metrics.compute()
 
 
 class Trainer:
@@ -182,6 +113,10 @@ class Trainer:
         self.rollbacks = 0
         self.nonfinite_skipped = 0
         self._group_loss = torch.zeros(())  # summed loss of the current accumulation group
+        # auto-microbatch: the current group's batches, RNG state and losses length (replay)
+        self._group: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self._group_rng: tuple[torch.Tensor, list[torch.Tensor] | None] | None = None
+        self._group_losses = 0
         self._setup(model, data, run_dir)
 
     # ------------------------------------------------------------------ setup
@@ -245,7 +180,7 @@ class Trainer:
         self.n_batches = len(sizes)
         self.per_rank_batch = per_rank
         # Samples in each batch's accumulation group: a micro-batch's loss weight is its share.
-        self._group_total = _group_totals(sizes, cfg.train.accumulate)
+        self._group_total = group_totals(sizes, cfg.train.accumulate)
         self.updates_per_epoch = math.ceil(self.n_batches / cfg.train.accumulate)
         self.total_steps = cfg.train.max_steps or self.updates_per_epoch * cfg.train.epochs
         self.scheduler = build_scheduler(
@@ -356,7 +291,7 @@ class Trainer:
                 if cfg.detect_anomaly
                 else nullcontext()
             )
-            with self._signals(), progress, anomaly:
+            with stop_on_signals(self), progress, anomaly:
                 self.progress = progress
                 if self.cfg.train.nonfinite == "rollback" and self.ckpts.last() is None:
                     self._save()  # a state to roll back to before the first update
@@ -371,7 +306,7 @@ class Trainer:
             if self._should_stop() and self._interrupt:
                 path = self._save()
                 raise TrainingInterrupted(self._stop_reason or "stop", path, self.run_dir)
-            result = self._finish()
+            result = finish(self)
         except BaseException as exc:
             self.callbacks.fire("on_exception", self, exc)
             if self.engine.owns_group and self.engine.world.size == 1:
@@ -411,14 +346,14 @@ class Trainer:
             if tech.mixer is not None:
                 x, y = tech.mixer(x, y, epoch=epoch)
             if cfg.train.auto_microbatch:
-                update = self._forward_backward_or_shrink(i, x, y, losses)
+                update = forward_backward_or_shrink(self, i, x, y, losses)
             else:
                 update = self._forward_backward(i, x, y, losses)
             self.batch_in_epoch = i + 1
             if not update:
                 continue
             if cfg.train.nonfinite != "ignore" and not self._finite_update():
-                if self._on_nonfinite(x) == "rollback":
+                if handle_nonfinite(self, x) == "rollback":
                     return  # the loop continues from the restored checkpoint
                 continue
             log_now = (self.step + 1) % cfg.train.log_every == 0
@@ -479,98 +414,10 @@ class Trainer:
                 self._group_loss = loss.detach() if first else self._group_loss + loss.detach()
         return update
 
-    def _forward_backward_or_shrink(
-        self, i: int, x: torch.Tensor, y: torch.Tensor, losses: list[torch.Tensor]
-    ) -> bool:
-        """:meth:`_forward_backward`, halving the micro-batch on out-of-memory.
-
-        The accumulation group so far is replayed from its start (same RNG state, same mixed
-        batches) with the smaller micro-batch, so the result equals a run that used it from the
-        beginning.
-        """
-        if i % self.engine.accumulate == 0 or not hasattr(self, "_group"):
-            self._group: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-            self._group_rng = _rng_snapshot()
-            self._group_losses = len(losses)
-        self._group.append((i, x, y))
-        try:
-            return self._forward_backward(i, x, y, losses)
-        except torch.OutOfMemoryError:
-            pass
-        while True:
-            self.optimizer.zero_grad(set_to_none=True)
-            del losses[self._group_losses :]
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            size = math.ceil(self.per_rank_batch / self.micro)
-            if size <= 1:
-                raise RuntimeError(
-                    "out of memory even with a micro-batch of 1 example; use a smaller model, "
-                    "precision=bf16, train.activation_checkpointing=true, or more memory"
-                )
-            self.micro *= 2
-            new = math.ceil(self.per_rank_batch / self.micro)
-            if self.verbose and self.is_zero:
-                print(
-                    f"out of memory at micro-batch {size}: continuing with micro-batch {new} "
-                    f"x {self.micro * self.engine.accumulate} accumulation (same effective batch)",
-                    flush=True,
-                )
-            _rng_restore(self._group_rng)
-            try:
-                update = False
-                for ii, xx, yy in self._group:
-                    update = self._forward_backward(ii, xx, yy, losses)
-                return update
-            except torch.OutOfMemoryError:
-                continue
-
     def _finite_update(self) -> bool:
         """Whether the group's loss and gradients are finite (one host sync per update)."""
         fp16 = self.engine.precision.kind == "fp16"
         return self.engine.grads_finite(self.optimizer, self._group_loss if fp16 else None)
-
-    def _on_nonfinite(self, x: torch.Tensor) -> str:
-        """Apply ``train.nonfinite`` to a non-finite update; returns ``skip`` or ``rollback``."""
-        cfg = self.cfg.train
-        policy = cfg.nonfinite
-        if policy == "rollback" and self.rollbacks >= cfg.max_rollbacks:
-            policy = "stop"
-        if policy == "skip":
-            self.optimizer.zero_grad(set_to_none=True)
-            self.nonfinite_skipped += 1
-            self.step += 1  # the update's slot passes, like a GradScaler skip
-            return "skip"
-        if policy == "rollback":
-            last = self.ckpts.last()
-            self.optimizer.zero_grad(set_to_none=True)
-            if last is None:
-                raise NonFiniteError(
-                    f"non-finite update at step {self.step + 1} with no checkpoint"
-                )
-            target = self.lr_scale * cfg.rollback_lr_factor
-            count, skipped = self.rollbacks, self.nonfinite_skipped
-            snapshots.restore(self, last)  # sets lr_scale to the checkpoint's
-            scale_lrs(self.optimizer, self.scheduler, target / self.lr_scale)
-            self.lr_scale, self.rollbacks, self.nonfinite_skipped = target, count + 1, skipped
-            if self.verbose and self.is_zero:
-                print(
-                    f"non-finite loss or gradient: rolled back to {last.name} (step {self.step}) "
-                    f"with LRs x{target:g} (rollback {self.rollbacks}/{cfg.max_rollbacks})",
-                    flush=True,
-                )
-            self.logger.log({"train/rollbacks": self.rollbacks}, step=self.step)
-            return "rollback"
-        bad_grads = nonfinite_grads(self.engine.model)  # type: ignore[arg-type]
-        self.optimizer.zero_grad(set_to_none=True)
-        path = self._save()  # the state before the bad update
-        where = describe_nonfinite(self.engine.model, x, bad_grads)  # type: ignore[arg-type]
-        after = f" after {self.rollbacks} rollbacks" if self.rollbacks else ""
-        raise NonFiniteError(
-            f"non-finite loss or gradient at step {self.step + 1} (epoch {self.epoch + 1}, "
-            f"batch {self.batch_in_epoch}){after}: {where}; the weights before it are saved in "
-            f"{path}. Lower optim.lr, set train.clip_norm, or set train.nonfinite=skip|rollback"
-        )
 
     def _end_epoch(self, seconds: float) -> None:
         cfg, tech = self.cfg, self.tech
@@ -655,91 +502,3 @@ class Trainer:
     def _is_better(self, metric: float) -> bool:
         old = self.best.get(self.monitor)
         return old is None or (metric < old if self.mode == "min" else metric > old)
-
-    def _finish(self) -> FitResult:
-        """Save the best weights as model.safetensors and measure them on the test split."""
-        if self.batch_in_epoch or not self.cfg.checkpoint.every_epoch:
-            self._save()  # the final position (max_steps mid-epoch, or no epoch checkpoints)
-        best_name = self.ckpts.best_name() if self.is_zero else None
-        best_name = distributed.broadcast_object(best_name)
-        best_file = self.ckpts.dir / best_name if best_name else None
-        final = snapshots.best_weights(self, best_file)
-        if self.tech.swa is not None and final is not None:
-            final = self._swa_result()
-        result = FitResult(
-            self.run_dir, self.step, best_checkpoint=best_file, stopped=self._stop_reason
-        )
-        if final is not None:  # rank 0: plain weights, evaluated without collectives
-            save_weights(final, self.run_dir / "model.safetensors", self.cfg, self.data.info)
-            metrics = TaskMetrics(
-                self.data.info.task,
-                num_classes=self.data.info.num_classes,
-                device=self.engine.device,
-                top_k=self.cfg.train.top_k,
-                sync=False,
-            )
-            if self.data.val is not None:
-                full_val = build.loader_for(
-                    self.cfg, self.data.val, train=False, device=self.engine.device
-                )
-                result.val = evaluate(final, full_val, self.loss_fn, self.engine, metrics)
-            if self.test_loader is not None:
-                result.test = evaluate(final, self.test_loader, self.loss_fn, self.engine, metrics)
-                self.logger.log({f"test/{k}": v for k, v in result.test.items()}, step=self.step)
-            summary = {
-                "steps": self.step,
-                "val": result.val,
-                "test": result.test,
-                "best_checkpoint": str(best_file) if best_file else None,
-                "weights": self._final_kind(),
-                "stopped": self._stop_reason,
-            }
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        result.val, result.test = distributed.broadcast_object((result.val, result.test))
-        return result
-
-    def _final_kind(self) -> str:
-        """What model.safetensors holds (written to summary.json)."""
-        if self.tech.swa is not None:
-            return f"swa average of {self.tech.swa.n_averaged} epochs"
-        if self.tech.ema is not None and self.cfg.ema.evaluate:
-            return "ema of the best checkpoint"
-        return "best checkpoint"
-
-    def _swa_result(self) -> nn.Module:
-        """The SWA average, with BatchNorm statistics recomputed over the training split."""
-        swa = self.tech.swa
-        assert swa is not None
-        if swa.n_averaged == 0:
-            raise RuntimeError(
-                f"SWA averaged no epoch (training ended before swa.start_epoch={swa.start_epoch}); "
-                "lower swa.start_epoch"
-            )
-        loader = None
-        if self.cfg.swa.update_bn:
-            loader = build.loader_for(
-                self.cfg, self.data.train, train=False, device=self.engine.device
-            )
-        model = swa.result(loader, self.engine.to_device)
-        model.eval()
-        return model
-
-    @contextmanager
-    def _signals(self) -> Iterator[None]:
-        """SIGINT/SIGTERM ask the loop to stop after the current update and save."""
-        if threading.current_thread() is not threading.main_thread():
-            with nullcontext():
-                yield
-            return
-
-        def handler(signum: int, frame: Any) -> None:
-            if self._stop_reason:  # a second Ctrl-C stops at once
-                raise KeyboardInterrupt
-            self.request_stop(signal.Signals(signum).name, interrupt=True)
-
-        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
