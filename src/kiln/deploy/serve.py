@@ -94,6 +94,7 @@ class _Handler(BaseHTTPRequestHandler):
         app = self.server.app
         start = time.perf_counter()
         status = 500
+        app.enter_request()  # counted until the answer is written, so a drain waits for it
         path = self.path.split("?", 1)[0]
         try:
             want = _ROUTES.get(path)
@@ -122,6 +123,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._safe_json(500, {"error": "internal error; see the server log"})
         finally:
             app.metrics.observe_request(status, time.perf_counter() - start)
+            app.leave_request()
 
     def _safe_json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
         """Send an error answer, ignoring a client that already went away."""
@@ -337,30 +339,35 @@ class ModelServer:
 
     def _predict(self, req: _Handler) -> tuple[int, Any, str, dict[str, str] | None]:
         """Validate, queue, wait for the batch's answer."""
+        # In-flight accounting is in _Handler._dispatch: it must cover writing the answer.
+        body = req.read_json()
+        if self.stopping:
+            req.close_connection = True
+            raise RequestError(503, "the server is shutting down")
+        x, _ = parse_inputs(body, self.backend.info.input_shape)
+        try:
+            future = self.batcher.submit(x)
+        except QueueFull as exc:
+            raise RequestError(503, str(exc)) from None
+        try:
+            out = future.result(timeout=self.timeout_s)
+        except (FutureTimeout, CancelledError):
+            future.cancel()
+            raise RequestError(504, f"no answer within {self.timeout_s:g} s") from None
+        return (
+            200,
+            {"outputs": format_outputs(out, self.backend.info)},
+            "application/json",
+            None,
+        )
+
+    def enter_request(self) -> None:
+        """Count a request as in flight (``shutdown`` waits until none is)."""
         with self._inflight_cond:
             self._inflight += 1
-        try:
-            body = req.read_json()
-            if self.stopping:
-                req.close_connection = True
-                raise RequestError(503, "the server is shutting down")
-            x, _ = parse_inputs(body, self.backend.info.input_shape)
-            try:
-                future = self.batcher.submit(x)
-            except QueueFull as exc:
-                raise RequestError(503, str(exc)) from None
-            try:
-                out = future.result(timeout=self.timeout_s)
-            except (FutureTimeout, CancelledError):
-                future.cancel()
-                raise RequestError(504, f"no answer within {self.timeout_s:g} s") from None
-            return (
-                200,
-                {"outputs": format_outputs(out, self.backend.info)},
-                "application/json",
-                None,
-            )
-        finally:
-            with self._inflight_cond:
-                self._inflight -= 1
-                self._inflight_cond.notify_all()
+
+    def leave_request(self) -> None:
+        """A request's answer has been written."""
+        with self._inflight_cond:
+            self._inflight -= 1
+            self._inflight_cond.notify_all()
