@@ -84,7 +84,8 @@ class DataConfig(_Strict):
     """Where examples come from and how they are split and batched.
 
     ``name`` is one of ``digits``, ``sklearn:<dataset>`` (e.g. ``sklearn:wine``), ``csv``,
-    ``images`` (a folder with one subfolder per class), ``synthetic`` or ``text``.
+    ``images`` (a folder with one subfolder per class), ``synthetic``, ``text`` or
+    ``digits_multitask`` (two targets per example: the digit and its parity).
     """
 
     name: str = "digits"
@@ -105,6 +106,9 @@ class DataConfig(_Strict):
         description="seed of the train/val/test split (default: the run's seed); fix it to "
         "train a seed ensemble whose members hold out the same examples",
     )
+    parity_noise: float = Field(
+        0.0, ge=0.0, le=0.5, description="digits_multitask: fraction of train parity labels flipped"
+    )
     num_workers: int = Field(0, ge=0)
     persistent_workers: bool = False
     pin_memory: Literal["auto"] | bool = "auto"
@@ -115,7 +119,7 @@ class DataConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _known_source(cls, v: str) -> str:
-        known = ["digits", "csv", "images", "synthetic", "text"]
+        known = ["digits", "digits_multitask", "csv", "images", "synthetic", "text"]
         if v in known or v.startswith("sklearn:"):
             return v
         raise ValueError(
@@ -241,6 +245,11 @@ class LossConfig(_Strict):
         None, description="per-class weights (focal: alpha); 'auto' = inverse frequencies"
     )
     gamma: float = Field(2.0, ge=0.0, description="focal loss focusing parameter (0 = CE)")
+    task_weights: dict[str, float] | None = Field(
+        None,
+        description="multi-task data: fixed weight per task; unset = learned uncertainty "
+        "weights (one log-variance per task, trained with the model)",
+    )
 
 
 class TrainConfig(_Strict):

@@ -43,6 +43,7 @@ MODELS: dict[str, str] = {
     "mlp": "kiln.models.mlp:build_mlp",
     "resnet": "kiln.models.resnet:build_resnet",
     "gpt": "kiln.models.gpt:build_gpt",
+    "multihead": "kiln.models.multihead:build_multihead",
 }
 
 
@@ -127,6 +128,7 @@ def data_kwargs(info: DataInfo) -> dict[str, Any]:
         "classification": info.num_classes,
         "regression": info.num_outputs,
         "lm": info.vocab_size,
+        "multitask": None,
     }[info.task]
     if outputs is not None:
         out["out_features"] = outputs

@@ -16,11 +16,14 @@ pytestmark = pytest.mark.gpu
 
 
 def test_fp16_scaler_trains_and_state_roundtrips(make_cfg) -> None:
+    fp32 = Trainer(make_cfg("device=cuda", "train.epochs=3", "name=fp32"), verbose=False).fit()
     cfg = make_cfg("device=cuda", "precision=fp16", "train.epochs=3")
     trainer = Trainer(cfg, verbose=False)
     assert trainer.engine.precision.scaler is not None
     result = trainer.fit()
-    assert result.test["acc"] > 0.9
+    # fp16 with loss scaling learns what fp32 learns (this tiny 3-epoch MLP reaches ~0.79).
+    assert result.test["acc"] > 0.7
+    assert abs(result.test["acc"] - fp32.test["acc"]) < 0.03
     state = load_checkpoint(resolve_checkpoint(result.run_dir))
     scale = state["engine"]["precision"]["scaler"]["scale"]
     resumed = Trainer(
@@ -31,12 +34,13 @@ def test_fp16_scaler_trains_and_state_roundtrips(make_cfg) -> None:
 
 
 def test_bf16_and_cudnn_benchmark(make_cfg) -> None:
-    cfg = make_cfg(
-        "device=cuda", "precision=bf16", "model.name=resnet", "model.kwargs={}", "train.epochs=2"
-    )
-    trainer = Trainer(cfg, verbose=False)
+    common = ("device=cuda", "model.name=resnet", "model.kwargs={}", "optim.lr=0.003")
+    fp32 = Trainer(make_cfg(*common, "train.epochs=4", "name=fp32"), verbose=False).fit()
+    trainer = Trainer(make_cfg(*common, "precision=bf16", "train.epochs=4"), verbose=False)
     assert torch.backends.cudnn.benchmark
-    assert trainer.fit().test["acc"] > 0.8
+    bf16 = trainer.fit().test["acc"]
+    assert bf16 > 0.85  # 0.94-0.95 on CPU in fp32 and bf16
+    assert abs(bf16 - fp32.test["acc"]) < 0.05
 
 
 def test_compile_on_cuda_matches_eager(make_cfg) -> None:

@@ -184,11 +184,19 @@ def test_compile_matches_eager_and_saves_unwrapped_keys(make_cfg) -> None:
     comp.fit()
     state = load_checkpoint(resolve_checkpoint(comp.run_dir))["model"]
     assert not any(k.startswith("_orig_mod.") for k in state)
-    torch.testing.assert_close(state, eager.engine.model.state_dict(), rtol=1e-4, atol=1e-5)
+    eager_state = {k: v.cpu() for k, v in eager.engine.model.state_dict().items()}
+    torch.testing.assert_close(state, eager_state, rtol=1e-4, atol=1e-5)
 
 
 def test_channels_last_matches_default(make_cfg) -> None:
-    common = ("model.name=resnet", "model.kwargs={depths: [1], width: 8}", "train.max_steps=3")
+    # CPU: on a GPU cudnn.benchmark may pick other conv algorithms per layout, and Adam turns
+    # their rounding into 1e-3 weight differences within 3 steps.
+    common = (
+        "device=cpu",
+        "model.name=resnet",
+        "model.kwargs={depths: [1], width: 8}",
+        "train.max_steps=3",
+    )
     a = Trainer(make_cfg(*common, "name=a"), verbose=False)
     a.fit()
     b = Trainer(make_cfg(*common, "channels_last=true", "name=b"), verbose=False)

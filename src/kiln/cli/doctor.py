@@ -66,7 +66,7 @@ def doctor_config(cfg: Config, *, steps: int | None = None) -> tuple[list[Findin
     from kiln.data.loader import start_epoch
     from kiln.perf.doctor import check
     from kiln.train import build
-    from kiln.train.metrics import TaskMetrics
+    from kiln.train.metrics import build_metrics
     from kiln.train.optim import build_optimizer
     from kiln.train.reproducibility import seed_everything, set_deterministic
     from kiln.train.techniques import Techniques, check_techniques
@@ -99,12 +99,7 @@ def doctor_config(cfg: Config, *, steps: int | None = None) -> tuple[list[Findin
         loader = build.loader_for(cfg, data.train, train=True, device=engine.device)
         start_epoch(loader, 0)
         loss_fn = build.loss_for(cfg, data)
-        metrics = TaskMetrics(
-            info.task,
-            num_classes=info.num_classes,
-            device=engine.device,
-            top_k=cfg.train.top_k,
-        )
+        metrics = build_metrics(info, device=engine.device, top_k=cfg.train.top_k)
         if freezer is not None:
             freezer.train_mode(model)
         else:

@@ -104,6 +104,14 @@ def run_eval(
     if vote and len(run_dirs) == 1 and snapshots is None:
         raise ValueError("--vote combines several models: give several runs or --snapshots N")
 
+    if transforms or len(run_dirs) > 1 or snapshots is not None:
+        from kiln.train.build import read_data_info
+
+        if read_data_info(run_dirs[0]).task == "multitask":
+            raise ValueError(
+                "TTA and ensembles of multi-task (several-output) models are not yet supported; "
+                "evaluate the run alone: kiln eval RUN"
+            )
     if len(run_dirs) > 1:
         return _eval_ensemble(run_dirs, split, transforms, vote)
     if snapshots is not None:
@@ -121,7 +129,7 @@ class _Setup:
         from kiln.config import load_config
         from kiln.train import build
         from kiln.train.engine import Engine
-        from kiln.train.metrics import TaskMetrics
+        from kiln.train.metrics import build_metrics
 
         self.cfg: Config = load_config(run_dir / "config.yaml")
         self.data: DataBundle = build.build_data_for(self.cfg)
@@ -137,12 +145,7 @@ class _Setup:
         self.loader = build.loader_for(self.cfg, dataset, train=False, device=self.engine.device)
         info = self.data.info
         self.loss_fn = build.loss_for(self.cfg, self.data)
-        self.metrics = TaskMetrics(
-            info.task,
-            num_classes=info.num_classes,
-            device=self.engine.device,
-            top_k=self.cfg.train.top_k,
-        )
+        self.metrics = build_metrics(info, device=self.engine.device, top_k=self.cfg.train.top_k)
 
     def check_tta(self, transforms: Sequence[str]) -> None:
         from kiln.algorithms.tta import check_transforms

@@ -22,6 +22,7 @@ from kiln.data.base import ArrayDataset, DataBundle, DataInfo, is_batched
 from kiln.data.digits import build_digits
 from kiln.data.images import build_image_folder
 from kiln.data.loader import make_loader
+from kiln.data.multitask import build_digits_multitask
 from kiln.data.splits import split_indices, split_sizes, standardize, subset_splits
 from kiln.data.synthetic import build_synthetic
 from kiln.data.tables import build_csv, build_sklearn_table, sklearn_tables
@@ -44,7 +45,11 @@ __all__ = [
 ]
 
 # The layouts each source can produce; the first is the one it gives when asked for another.
-_LAYOUTS = {"digits": ("flat", "image"), "images": ("image",)}
+_LAYOUTS = {
+    "digits": ("flat", "image"),
+    "digits_multitask": ("flat", "image"),
+    "images": ("image",),
+}
 
 
 def _layout(cfg: DataConfig, requested: str) -> str:
@@ -68,8 +73,9 @@ def build_data(cfg: DataConfig, *, seed: int, layout: str = "flat") -> DataBundl
     """Build the train/val/test datasets described by ``cfg``.
 
     Args:
-        cfg: ``cfg.name`` picks the source: ``digits``, ``sklearn:<name>`` (see
-            :func:`sklearn_tables`), ``csv``, ``images``, ``synthetic`` or ``text``.
+        cfg: ``cfg.name`` picks the source: ``digits``, ``digits_multitask``,
+            ``sklearn:<name>`` (see :func:`sklearn_tables`), ``csv``, ``images``, ``synthetic``
+            or ``text``.
         seed: seeds the split (and the generator for ``synthetic``).
         layout: ``flat`` or ``image``, the caller's choice when ``cfg.layout`` is ``auto``
             (``cfg.layout`` wins otherwise). Only digits can give both; the other sources give
@@ -90,6 +96,8 @@ def build_data(cfg: DataConfig, *, seed: int, layout: str = "flat") -> DataBundl
     name = cfg.name
     if name == "digits":
         return build_digits(cfg, seed=seed, layout=chosen)
+    if name == "digits_multitask":
+        return build_digits_multitask(cfg, seed=seed, layout=chosen)
     if name.startswith("sklearn:"):
         return build_sklearn_table(name.removeprefix("sklearn:"), cfg, seed=seed)
     if name == "csv":
@@ -101,6 +109,6 @@ def build_data(cfg: DataConfig, *, seed: int, layout: str = "flat") -> DataBundl
     if name == "text":
         return build_text(cfg, seed=seed)
     raise ValueError(
-        f"unknown data source {name!r}; allowed: digits, sklearn:<name>, csv, images, "
-        "synthetic, text"
+        f"unknown data source {name!r}; allowed: digits, digits_multitask, sklearn:<name>, "
+        "csv, images, synthetic, text"
     )

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Dataset, Subset
 
-Task = Literal["classification", "regression", "lm"]
+Task = Literal["classification", "regression", "lm", "multitask"]
 
 
 @dataclass
@@ -21,12 +21,17 @@ class DataInfo:
     """What a model and a loss need to know about the data.
 
     Attributes:
-        task: ``classification``, ``regression`` or ``lm`` (next-token prediction).
+        task: ``classification``, ``regression``, ``lm`` (next-token prediction) or
+            ``multitask`` (several targets per example; see ``tasks``).
         input_shape: shape of one example's input, e.g. ``(64,)``, ``(1, 32, 32)``, ``(block,)``.
         num_classes: classes for classification (None otherwise).
         num_outputs: regression targets per example (1 for a single column).
         vocab_size: tokens for ``lm`` data.
         class_names: label names in class-index order, when known.
+        tasks: for ``multitask`` data, one entry per target column, in column order:
+            ``{"name": ..., "task": "classification" | "regression", "num_classes": C | None,
+            "class_names": [...] | None}``. Targets are then a float ``[N, T]`` tensor (class
+            indices stored as exact small floats), so every loader and split handles them.
         extra: source-specific facts worth keeping with a run (normalisation mean/std, the
             character vocabulary, feature names). JSON-serialisable values only.
     """
@@ -37,6 +42,7 @@ class DataInfo:
     num_outputs: int = 1
     vocab_size: int | None = None
     class_names: list[str] | None = None
+    tasks: list[dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -414,6 +414,13 @@ def export_runs(
     if not runs:
         raise ValueError("kiln export needs at least one run directory")
     dirs = [run_dir_of(r) for r in runs]
+    from kiln.train.build import read_data_info
+
+    if read_data_info(dirs[0]).task == "multitask":
+        raise ValueError(
+            "exporting multi-task models (a dict of outputs) is not yet supported; load the "
+            "run in Python with kiln.load_model(RUN)"
+        )
     eager: nn.Module = load_ensemble(dirs) if len(dirs) > 1 else load_model(dirs[0])
     if any(p.dtype != torch.float32 for p in eager.parameters()):
         raise ValueError(

@@ -38,13 +38,14 @@ import torch.nn.functional as F
 from kiln.config import LossConfig, suggest
 from kiln.losses._common import LossFactory, LossFn, _as_weight, _check_class_targets
 from kiln.losses.classification import class_weights_from_counts, focal_loss, weighted_cross_entropy
-from kiln.losses.multitask import MultiTaskLoss
+from kiln.losses.multitask import MultiTaskCriterion, MultiTaskLoss
 from kiln.losses.pairs import contrastive_loss, cosine_embedding_loss, triplet_loss
 
 __all__ = [
     "LOSSES",
     "LossFactory",
     "LossFn",
+    "MultiTaskCriterion",
     "MultiTaskLoss",
     "build_loss",
     "class_weights_from_counts",

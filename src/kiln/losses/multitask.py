@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kiln.losses._common import _desc
@@ -120,3 +121,105 @@ class MultiTaskLoss(nn.Module):
             assert self.fixed_weights is not None
             return self.fixed_weights.clone()
         return torch.exp(-self.log_vars.detach())
+
+
+class MultiTaskCriterion(nn.Module):
+    """The trainer's loss for multi-target data: a loss per task, combined by MultiTaskLoss.
+
+    Outputs are a dict ``{task: tensor}`` (see :class:`kiln.models.multihead.MultiHead`);
+    targets are the float ``[N, T]`` tensor of a multi-task source, one column per task in
+    ``tasks`` order. A classification task uses cross-entropy (``label_smoothing`` applies) on
+    the column read as class indices, a regression task mean squared error. The combination is
+    :class:`MultiTaskLoss`: learned uncertainty weights (its ``log_vars`` are this module's
+    parameters: the trainer puts them in the optimizer without weight decay and saves them in
+    every checkpoint) or fixed ``weights``.
+
+    ``reduction="sum"`` returns ``N x`` the combined batch-mean loss, so an evaluation pass
+    (summed over batches, divided by the examples) gives the combined loss of the whole split.
+
+    Args:
+        tasks: ``DataInfo.tasks`` entries (name, task, num_classes).
+        weights: task name -> fixed weight; ``None`` learns them.
+        label_smoothing: for the classification tasks.
+        init_log_var: initial ``s_i`` of the learned weights.
+
+    Example:
+        >>> crit = MultiTaskCriterion([{"name": "a", "task": "classification", "num_classes": 2},
+        ...                            {"name": "b", "task": "regression"}])
+        >>> out = {"a": torch.zeros(2, 2), "b": torch.zeros(2, 1)}
+        >>> round(crit(out, torch.tensor([[0.0, 1.0], [1.0, 1.0]])).item(), 4)  # ln 2 + 1
+        1.6931
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[Mapping[str, object]],
+        *,
+        weights: Mapping[str, float] | None = None,
+        label_smoothing: float = 0.0,
+        init_log_var: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.tasks = [dict(t) for t in tasks]
+        self.names = [str(t["name"]) for t in self.tasks]
+        fixed = None
+        if weights is not None:
+            unknown = sorted(set(weights) - set(self.names))
+            missing = [n for n in self.names if n not in weights]
+            if unknown or missing:
+                raise ValueError(
+                    f"loss.task_weights must give one weight per task {self.names}; "
+                    f"unknown {unknown}, missing {missing}"
+                )
+            fixed = [float(weights[n]) for n in self.names]
+        self.combine = MultiTaskLoss(self.names, weights=fixed, init_log_var=init_log_var)
+        self.label_smoothing = label_smoothing
+
+    def task_losses(
+        self, out: Mapping[str, torch.Tensor], target: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The batch-mean loss of each task, by name.
+
+        Raises:
+            ValueError: outputs that are not a dict with one tensor per task, or targets that
+                are not ``[N, tasks]``.
+        """
+        if not isinstance(out, Mapping):
+            got = _desc(out) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"multi-task loss: the model must return a dict {{task: output}} for tasks "
+                f"{self.names}, got {got}; use model.name=multihead or return a dict"
+            )
+        missing = [n for n in self.names if n not in out]
+        if missing:
+            raise ValueError(
+                f"multi-task loss: the model's outputs {sorted(out)} lack tasks {missing}"
+            )
+        if target.dim() != 2 or target.size(1) != len(self.names):
+            raise ValueError(
+                f"multi-task loss: targets must be [N, {len(self.names)}] (one column per task "
+                f"{self.names}), got {_desc(target)}"
+            )
+        losses: dict[str, torch.Tensor] = {}
+        for j, t in enumerate(self.tasks):
+            name, pred = self.names[j], out[self.names[j]]
+            column = target[:, j]
+            if t["task"] == "classification":
+                losses[name] = F.cross_entropy(
+                    pred, column.long(), label_smoothing=self.label_smoothing
+                )
+            else:
+                losses[name] = F.mse_loss(pred.reshape(column.shape).float(), column.float())
+        return losses
+
+    def forward(
+        self, out: Mapping[str, torch.Tensor], target: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"multi-task loss: reduction must be mean or sum, got {reduction!r}")
+        total = self.combine(self.task_losses(out, target))
+        return total * target.size(0) if reduction == "sum" else total
+
+    def task_weights(self) -> dict[str, float]:
+        """Each task's current weight (``exp(-s_i)``, or the fixed weight)."""
+        return dict(zip(self.names, self.combine.task_weights().tolist(), strict=True))

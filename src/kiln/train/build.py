@@ -103,13 +103,59 @@ def class_counts(dataset: Any, num_classes: int) -> torch.Tensor:
 
 def loss_for(cfg: Config, data: DataBundle) -> Any:
     """The training loss a config describes (``class_weights=auto`` counts the train split)."""
-    from kiln.losses import build_loss
+    from kiln.losses import MultiTaskCriterion, build_loss
 
     counts = None
     info = data.info
+    if info.task == "multitask":
+        from kiln.data.multitask import task_columns
+
+        if cfg.loss.name != "auto" or cfg.loss.class_weights is not None:
+            raise ValueError(
+                "multi-task data uses cross-entropy / MSE per task combined by learned or fixed "
+                "task weights; leave loss.name=auto and loss.class_weights unset (set "
+                "loss.task_weights for fixed weights)"
+            )
+        return MultiTaskCriterion(
+            task_columns(info),
+            weights=cfg.loss.task_weights,
+            label_smoothing=cfg.loss.label_smoothing,
+        )
+    if cfg.loss.task_weights is not None:
+        raise ValueError(
+            f"loss.task_weights is for multi-task data; this data is {info.task}: remove it"
+        )
     if cfg.loss.class_weights == "auto" and info.num_classes and data.train is not None:
         counts = class_counts(data.train, info.num_classes)
     return build_loss(cfg.loss, task=info.task, class_counts=counts)
+
+
+def add_loss_parameters(
+    optimizer: torch.optim.Optimizer, loss_fn: Any, device: torch.device, world: int
+) -> None:
+    """Train a loss's own parameters (multi-task log-variances) with the model.
+
+    They go to ``device`` and into one extra optimizer group named ``loss``, with weight decay
+    off (decay would pull every log-variance to 0, i.e. equal task weights) and the base LR.
+    Added before the LR scheduler is built, so the schedule covers them too.
+
+    Raises:
+        ValueError: under several processes (each rank's loss would learn its own weights).
+    """
+    if not isinstance(loss_fn, torch.nn.Module):
+        return
+    loss_fn.to(device)
+    params = [p for p in loss_fn.parameters() if p.requires_grad]
+    if not params:
+        return
+    if world > 1:
+        raise ValueError(
+            "learned multi-task weights are not yet supported with several processes; set "
+            "loss.task_weights={task: weight, ...} for fixed weights, or train on one process"
+        )
+    optimizer.add_param_group(
+        {"params": params, "weight_decay": 0.0, "name": "loss", "lr_mult": 1.0}
+    )
 
 
 def per_rank_batch(cfg: Config, world: int) -> int:

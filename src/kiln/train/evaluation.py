@@ -13,7 +13,7 @@ from torch import nn
 
 from kiln.losses import LossFn
 from kiln.train.engine import Engine
-from kiln.train.metrics import TaskMetrics
+from kiln.train.metrics import MultiTaskMetrics, TaskMetrics
 
 __all__ = ["accumulation_weights", "evaluate", "group_totals", "monitor_mode"]
 
@@ -46,7 +46,11 @@ def group_totals(sizes: Sequence[int], accumulate: int) -> list[int]:
 
 
 def evaluate(
-    model: nn.Module, loader: Iterable[Any], loss_fn: LossFn, engine: Engine, metrics: TaskMetrics
+    model: nn.Module,
+    loader: Iterable[Any],
+    loss_fn: LossFn,
+    engine: Engine,
+    metrics: TaskMetrics | MultiTaskMetrics,
 ) -> dict[str, float]:
     """Loss and task metrics of ``model`` over ``loader`` (inference mode, one host sync)."""
     was_training = model.training
@@ -58,6 +62,7 @@ def evaluate(
             with engine.autocast():
                 out = model(x)
                 loss_sum = loss_fn(out, y, reduction="sum")
-            metrics.update(out, y, loss_sum=loss_sum, count=y.numel() if out.dim() == 3 else len(y))
+            tokens = isinstance(out, torch.Tensor) and out.dim() == 3  # lm: loss per token
+            metrics.update(out, y, loss_sum=loss_sum, count=y.numel() if tokens else len(y))
     model.train(was_training)
     return metrics.compute()

@@ -15,7 +15,7 @@ from torch import nn
 
 from kiln.train import build, distributed, snapshots
 from kiln.train.evaluation import evaluate
-from kiln.train.metrics import TaskMetrics
+from kiln.train.metrics import build_metrics
 from kiln.train.weights import save_weights
 
 if TYPE_CHECKING:
@@ -51,12 +51,8 @@ def finish(self: Trainer) -> FitResult:
     )
     if final is not None:  # rank 0: plain weights, evaluated without collectives
         save_weights(final, self.run_dir / "model.safetensors", self.cfg, self.data.info)
-        metrics = TaskMetrics(
-            self.data.info.task,
-            num_classes=self.data.info.num_classes,
-            device=self.engine.device,
-            top_k=self.cfg.train.top_k,
-            sync=False,
+        metrics = build_metrics(
+            self.data.info, device=self.engine.device, top_k=self.cfg.train.top_k
         )
         if self.data.val is not None:
             full_val = build.loader_for(
@@ -74,6 +70,8 @@ def finish(self: Trainer) -> FitResult:
             "weights": final_kind(self),
             "stopped": self._stop_reason,
         }
+        if hasattr(self.loss_fn, "task_weights"):
+            summary["task_weights"] = self.loss_fn.task_weights()
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     result.val, result.test = distributed.broadcast_object((result.val, result.test))
     return result

@@ -112,6 +112,82 @@ class TaskMetrics:
             self.metrics.reset()
 
 
+class MultiTaskMetrics:
+    """Per-task metrics for multi-target data (outputs a dict by task, targets ``[N, T]``).
+
+    Reported names are ``<task>/<metric>`` (``digit/acc``, ``parity/loss``), and ``loss`` is the
+    plain sum of the task losses (cross-entropy or MSE, unweighted). The training objective's
+    learned weights change its scale from epoch to epoch, so the plain sum is the number that
+    stays comparable across epochs, runs and ``kiln eval``.
+    """
+
+    def __init__(
+        self, tasks: list[dict[str, Any]], *, device: torch.device, top_k: int = 5, sync: bool
+    ) -> None:
+        self.tasks = tasks
+        self.parts = {
+            t["name"]: TaskMetrics(
+                t["task"], num_classes=t.get("num_classes"), device=device, top_k=top_k, sync=sync
+            )
+            for t in tasks
+        }
+
+    def update(
+        self,
+        output: dict[str, torch.Tensor],
+        target: torch.Tensor,
+        *,
+        loss_sum: torch.Tensor,
+        count: int,
+    ) -> None:
+        """Add a batch; ``loss_sum`` (the weighted objective) is not used, see the class doc."""
+        import torch.nn.functional as F
+
+        for j, t in enumerate(self.tasks):
+            name = t["name"]
+            pred, column = output[name].detach(), target[:, j]
+            if t["task"] == "classification":
+                y = column.long()
+                task_sum = F.cross_entropy(pred.float(), y, reduction="sum")
+            else:
+                y = column.float()
+                task_sum = F.mse_loss(pred.float().reshape(y.shape), y, reduction="sum")
+            self.parts[name].update(pred, y, loss_sum=task_sum, count=count)
+
+    def compute(self) -> dict[str, float]:
+        out: dict[str, float] = {"loss": 0.0}
+        for name, part in self.parts.items():
+            values = part.compute()
+            out["loss"] += values["loss"]
+            out.update({f"{name}/{k}": v for k, v in values.items()})
+        return out
+
+    def reset(self) -> None:
+        for part in self.parts.values():
+            part.reset()
+
+
+def build_metrics(
+    info: Any, *, device: torch.device, top_k: int = 5, sync: bool = False
+) -> TaskMetrics | MultiTaskMetrics:
+    """The metrics object for a :class:`~kiln.data.base.DataInfo` (single- or multi-task).
+
+    Example:
+        >>> from kiln.data.base import DataInfo
+        >>> m = build_metrics(DataInfo("regression", (3,)), device=torch.device("cpu"))
+        >>> m.update(torch.zeros(2, 1), torch.ones(2, 1), loss_sum=torch.tensor(2.0), count=2)
+        >>> m.compute()["mse"]
+        1.0
+    """
+    if info.task == "multitask":
+        from kiln.data.multitask import task_columns
+
+        return MultiTaskMetrics(task_columns(info), device=device, top_k=top_k, sync=sync)
+    return TaskMetrics(
+        info.task, num_classes=info.num_classes, device=device, top_k=top_k, sync=sync
+    )
+
+
 def confusion_matrix(preds: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Counts ``[true, predicted]`` (rows are true classes)."""
     from torchmetrics import classification as tmc

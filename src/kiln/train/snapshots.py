@@ -48,16 +48,21 @@ def capture(trainer: Trainer, step: int) -> dict[str, Any]:
             "nonfinite_skipped": trainer.nonfinite_skipped,
         },
         "techniques": trainer.tech.state_dict(),
+        # A loss with parameters (learned multi-task weights) trains with the model.
+        "loss": trainer.loss_fn.state_dict() if isinstance(trainer.loss_fn, nn.Module) else None,
         "best": dict(trainer.best),
         "world_size": trainer.engine.world.size,
         "config": trainer.cfg.model_dump(mode="json"),
     }
-    if sharded(trainer):
-        folder = f"step-{step}.dcp"
-        state.save_sharded(model, trainer.optimizer, trainer.ckpts.dir / folder)
-        out["sharded"] = folder
-    else:
-        out["model"], out["optimizer"] = state.full_state(model, trainer.optimizer)
+    with state.outside_model(trainer.optimizer) as extra:
+        if sharded(trainer):
+            folder = f"step-{step}.dcp"
+            state.save_sharded(model, trainer.optimizer, trainer.ckpts.dir / folder)
+            out["sharded"] = folder
+        else:
+            out["model"], out["optimizer"] = state.full_state(model, trainer.optimizer)
+    if extra:
+        out["loss_optimizer"] = state.outside_state(trainer.optimizer, extra)
     return out
 
 
@@ -70,10 +75,13 @@ def restore(trainer: Trainer, path: Path) -> None:
         # The trained set at the saved epoch, before the optimizer state (which covers exactly
         # the parameters that had gradients then) is loaded.
         trainer.tech.freezer.apply(model, saved["loop"]["epoch"])
-    if "sharded" in saved:
-        state.load_sharded(model, trainer.optimizer, path.parent / saved["sharded"])
-    else:
-        state.load_full_state(model, trainer.optimizer, saved["model"], saved["optimizer"])
+    with state.outside_model(trainer.optimizer) as extra:
+        if "sharded" in saved:
+            state.load_sharded(model, trainer.optimizer, path.parent / saved["sharded"])
+        else:
+            state.load_full_state(model, trainer.optimizer, saved["model"], saved["optimizer"])
+    if extra:
+        state.load_outside_state(trainer.optimizer, extra, saved.get("loss_optimizer", []))
     if trainer.scheduler and saved.get("scheduler"):
         trainer.scheduler.load_state_dict(saved["scheduler"])
     trainer.engine.load_state_dict(saved["engine"])
@@ -89,6 +97,8 @@ def restore(trainer: Trainer, path: Path) -> None:
     trainer.nonfinite_skipped = int(loop.get("nonfinite_skipped", 0))
     trainer.best = dict(saved.get("best", {}))
     trainer.tech.load_state_dict(saved.get("techniques", {}), trainer.optimizer)
+    if isinstance(trainer.loss_fn, nn.Module) and saved.get("loss") is not None:
+        trainer.loss_fn.load_state_dict(saved["loss"])
 
 
 def best_weights(trainer: Trainer, best_file: Path | None) -> nn.Module | None:

@@ -17,7 +17,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -161,3 +163,57 @@ def consolidate(model: nn.Module, directory: Path) -> dict[str, torch.Tensor]:
     """The full model state dict of a sharded checkpoint, loaded into ``model`` in one process."""
     load_sharded(model, None, directory)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@contextlib.contextmanager
+def outside_model(optimizer: torch.optim.Optimizer) -> Iterator[list[dict[str, Any]]]:
+    """Hide the groups whose parameters the model does not own (``name == "loss"``).
+
+    ``get_state_dict`` keys optimizer state by the model's parameter names, so a group of a
+    loss's own parameters (learned multi-task weights) has no name there. Inside this context
+    those groups are out of ``optimizer.param_groups``; :func:`outside_state` and
+    :func:`load_outside_state` save and restore them by position instead.
+    """
+    extra = [g for g in optimizer.param_groups if g.get("name") == "loss"]
+    if not extra:
+        yield []
+        return
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g.get("name") != "loss"]
+    hidden = {p: optimizer.state.pop(p) for g in extra for p in g["params"] if p in optimizer.state}
+    try:
+        yield extra
+    finally:
+        optimizer.param_groups.extend(extra)
+        for p, st in hidden.items():
+            optimizer.state.setdefault(p, st)  # a restore inside the context may set new state
+
+
+def outside_state(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> list[Any]:
+    """Hyper-parameters and per-parameter state of ``groups`` (CPU copies), in order."""
+    out: list[Any] = []
+    for g in groups:
+        states = [
+            {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in st.items()}
+            for st in (optimizer.state.get(p, {}) for p in g["params"])
+        ]
+        hyper = {k: v for k, v in g.items() if k != "params" and k not in _IMPL_KEYS}
+        out.append({"hyper": hyper, "state": states})
+    return out
+
+
+def load_outside_state(
+    optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]], saved: list[Any]
+) -> None:
+    """Restore what :func:`outside_state` saved into the same groups (same order and sizes)."""
+    if len(saved) != len(groups):
+        raise ValueError(
+            f"the checkpoint has {len(saved)} loss parameter group(s), this run has "
+            f"{len(groups)}; resume with the same loss settings"
+        )
+    for g, s in zip(groups, saved, strict=True):
+        g.update(s["hyper"])
+        for p, st in zip(g["params"], s["state"], strict=True):
+            if st:
+                optimizer.state[p] = {
+                    k: v.to(p.device) if torch.is_tensor(v) else v for k, v in st.items()
+                }

@@ -60,7 +60,7 @@ from kiln.train.evaluation import (
 from kiln.train.finish import FitResult, finish
 from kiln.train.guard import handle_nonfinite
 from kiln.train.logging import MetricsLogger, Progress
-from kiln.train.metrics import TaskMetrics
+from kiln.train.metrics import build_metrics
 from kiln.train.microbatch import forward_backward_or_shrink
 from kiln.train.optim import build_optimizer, build_scheduler
 from kiln.train.reproducibility import seed_everything, set_deterministic
@@ -152,6 +152,8 @@ class Trainer:
         self.template = copy.deepcopy(model) if self.engine.strategy == "fsdp" else model
         self.model, _ = self.engine.setup(model)
         self.optimizer = build_optimizer(self.engine.model, cfg.optim)  # type: ignore[arg-type]
+        self.loss_fn = build.loss_for(cfg, self.data)
+        build.add_loss_parameters(self.optimizer, self.loss_fn, self.engine.device, world.size)
         if freezer is not None and freezer.dynamic:
             # Unfrozen later, so they stay in the optimizer; with no grad they get no update.
             freezer.apply(model, epoch=0)
@@ -190,14 +192,7 @@ class Trainer:
             epochs=cfg.train.epochs,
             total_steps=self.total_steps,
         )
-        self.loss_fn = build.loss_for(cfg, self.data)
-        self.metrics = TaskMetrics(
-            info.task,
-            num_classes=info.num_classes,
-            device=dev,
-            top_k=cfg.train.top_k,
-            sync=world.size > 1,
-        )
+        self.metrics = build_metrics(info, device=dev, top_k=cfg.train.top_k, sync=world.size > 1)
         monitor = cfg.checkpoint.monitor
         if self.val_loader is None and monitor.startswith("val/"):
             monitor = "train/" + monitor.split("/", 1)[1]
@@ -426,6 +421,8 @@ class Trainer:
         if tech.swa is not None and swa_on:
             tech.swa.end_epoch(self.engine.model, self.epoch)  # type: ignore[arg-type]
             metrics["swa/n_averaged"] = tech.swa.n_averaged
+        if hasattr(self.loss_fn, "task_weights"):  # multi-task: the learned weight of each task
+            metrics.update({f"task_weight/{k}": v for k, v in self.loss_fn.task_weights().items()})
         val: dict[str, float] = {}
         if self.val_loader is not None and (self.epoch + 1) % cfg.train.val_every == 0:
             val = self.validate()
