@@ -16,6 +16,7 @@ SCRIPTS = [
     "checkpointing.py",
     "compile.py",
     "quantize.py",
+    "serve.py",
     pytest.param("ddp_scaling.py", marks=pytest.mark.distributed),
 ]
 

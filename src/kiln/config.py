@@ -85,7 +85,8 @@ class DataConfig(_Strict):
 
     ``name`` is one of ``digits``, ``sklearn:<dataset>`` (e.g. ``sklearn:wine``), ``csv``,
     ``images`` (a folder with one subfolder per class), ``synthetic``, ``text`` or
-    ``digits_multitask`` (two targets per example: the digit and its parity).
+    ``digits_multitask`` (two targets per example: the digit and its parity) or ``topics``
+    (short texts in four topics, tokenised for MiniLM; or a ``label<TAB>text`` file as ``path``).
     """
 
     name: str = "digits"
@@ -106,6 +107,16 @@ class DataConfig(_Strict):
         description="seed of the train/val/test split (default: the run's seed); fix it to "
         "train a seed ensemble whose members hold out the same examples",
     )
+    classes: list[int] | None = Field(
+        None, description="keep only these classes, renumbered 0..k-1 in this order"
+    )
+    train_per_class: int | None = Field(
+        None, ge=1, description="keep this many labelled training examples per class (seeded)"
+    )
+    max_tokens: int = Field(32, ge=2, description="topics: tokens per text, special ones included")
+    tokenizer: str | None = Field(
+        None, description="topics: a model folder whose tokenizer.json is used (default MiniLM)"
+    )
     parity_noise: float = Field(
         0.0, ge=0.0, le=0.5, description="digits_multitask: fraction of train parity labels flipped"
     )
@@ -119,7 +130,7 @@ class DataConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _known_source(cls, v: str) -> str:
-        known = ["digits", "digits_multitask", "csv", "images", "synthetic", "text"]
+        known = ["digits", "digits_multitask", "csv", "images", "synthetic", "text", "topics"]
         if v in known or v.startswith("sklearn:"):
             return v
         raise ValueError(
@@ -165,6 +176,18 @@ class ModelConfig(_Strict):
     zero_init_last: bool = Field(
         False, description="zero the last norm/linear of each residual branch (starts as identity)"
     )
+    pretrained: str | None = Field(
+        None,
+        description="initial weights: a kiln run folder, a .safetensors/.pt state dict, or a "
+        "Hugging Face model folder",
+    )
+    pretrained_exclude: list[str] = Field(
+        default_factory=list,
+        description="state-dict key globs not loaded (e.g. the old head: ['fc.*'])",
+    )
+    pretrained_strict: bool = Field(
+        True, description="every other key must load with its shape; false loads what matches"
+    )
     drop_path: float = Field(
         0.0,
         ge=0.0,
@@ -196,6 +219,13 @@ class OptimConfig(_Strict):
     lr_mult: dict[str, float] = Field(
         default_factory=dict,
         description="parameter-name glob -> LR multiplier, e.g. {'backbone.*': 0.1}",
+    )
+    layer_decay: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="layer-wise LR decay: the head and last block x1, each earlier block x "
+        "this factor (lr_mult entries take precedence)",
     )
 
 

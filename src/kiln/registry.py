@@ -44,6 +44,8 @@ MODELS: dict[str, str] = {
     "resnet": "kiln.models.resnet:build_resnet",
     "gpt": "kiln.models.gpt:build_gpt",
     "multihead": "kiln.models.multihead:build_multihead",
+    "minilm": "kiln.models.text_encoder:build_minilm",
+    "bow": "kiln.models.bow:build_bow",
 }
 
 

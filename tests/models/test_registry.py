@@ -14,7 +14,7 @@ from torch import nn
 
 from kiln.config import ModelConfig
 from kiln.data.base import DataInfo
-from kiln.models import GPT, MLP, ResNet
+from kiln.models import GPT, MLP, MultiHead, ResNet
 from kiln.registry import MODELS, build_model, check_kwargs, data_kwargs, import_object
 
 HELPERS = Path(__file__).resolve().parents[1] / "helpers"
@@ -44,10 +44,11 @@ def test_unknown_name_suggests_and_lists() -> None:
     with pytest.raises(ValueError) as err:
         build_model(ModelConfig(name="resnt"), IMAGE)
     assert str(err.value) == (
-        "unknown model 'resnt'; did you mean 'resnet'? allowed: mlp, resnet, gpt; "
+        "unknown model 'resnt'; did you mean 'resnet'? allowed: mlp, resnet, gpt, multihead, "
+        "minilm, bow; "
         "or set model.target=pkg.module:Class"
     )
-    with pytest.raises(ValueError, match=r"^unknown model 'zzz'; allowed: mlp, resnet, gpt; or"):
+    with pytest.raises(ValueError, match=r"^unknown model 'zzz'; allowed: mlp, resnet, gpt, multihead, minilm, bow; or"):
         build_model(ModelConfig(name="zzz"), IMAGE)
 
 
@@ -69,11 +70,19 @@ def test_wrong_type_is_wrapped_with_the_model_name() -> None:
         build_model(ModelConfig(name="mlp", kwargs={"hidden": 5}), FLAT)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+# Builders that mirror one class's constructor (minilm and bow load or size other parts).
+MIRRORS = {"mlp": MLP, "resnet": ResNet, "gpt": GPT, "multihead": MultiHead}
+
+
+def test_every_model_is_listed() -> None:
+    assert set(MIRRORS) | {"minilm", "bow"} == set(MODELS)
+
+
+@pytest.mark.parametrize("name", list(MIRRORS))
 def test_builder_defaults_match_the_model_class(name: str) -> None:
     # Builders repeat the class defaults so their signatures can be checked; keep them in sync.
     builder = import_object(MODELS[name])
-    cls = {"mlp": MLP, "resnet": ResNet, "gpt": GPT}[name]
+    cls = MIRRORS[name]
     class_params = inspect.signature(cls).parameters
     for pname, p in inspect.signature(builder).parameters.items():
         if pname != "info":

@@ -1,9 +1,11 @@
-"""``kiln export RUN... --format torchscript|exported|onnx``: a deployable file plus a parity check.
+"""``kiln export RUN... --format torchscript|exported|onnx|torchserve``: a file plus a parity check.
 
 Reads the run's ``model.safetensors`` (several runs make one ensemble model), exports it with
 :func:`kiln.deploy.export.export_runs` to ``RUN/export/FORMAT/`` (or ``--out``), and prints the
 file, its size and the parity table (exported vs eager on test inputs at two batch sizes).
-``manifest.json`` next to the file records the same numbers.
+``manifest.json`` next to the file records the same numbers. ``torchserve`` makes the
+``exported`` file, then packs it with a generated handler into a TorchServe ``.mar``
+(:func:`kiln.deploy.torchserve.export_torchserve`) and prints the commands that serve it.
 
 Torch is imported inside the function, so ``kiln --help`` stays fast.
 
@@ -14,10 +16,15 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kiln.deploy.export import ExportResult
 
 __all__ = ["run_export"]
 
-_FORMATS = ("torchscript", "exported", "onnx")  # kiln.deploy.export.FORMATS, without torch
+# kiln.deploy.export.FORMATS (without importing torch), plus the TorchServe archive.
+_FORMATS = ("torchscript", "exported", "onnx", "torchserve")
 
 
 def _size(n: int) -> str:
@@ -32,15 +39,41 @@ def _size(n: int) -> str:
 def run_export(runs: list[str], *, format: str, fuse: bool, out: str | None) -> Path:
     """Export the run(s), print the file, size and parity table; returns the model file.
 
+    ``torchserve`` returns the ``.mar`` archive instead of the model file.
+
     Raises:
         ValueError: unknown format (the message lists the allowed ones), incompatible runs,
             or a parity failure.
+        FileNotFoundError: a run directory is missing or incomplete.
+        ImportError: ``torchserve`` without torch-model-archiver installed.
     """
     if format not in _FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(_FORMATS)}")
+    if format == "torchserve":
+        return _run_torchserve(runs, fuse=fuse, out=out)
     from kiln.deploy.export import export_runs
 
     result = export_runs(runs, format=format, fuse=fuse, out=out)
+    _print_result(result, fuse=fuse)
+    return result.path
+
+
+def _run_torchserve(runs: list[str], *, fuse: bool, out: str | None) -> Path:
+    """Export, pack the TorchServe archive and print how to serve it; returns the ``.mar``."""
+    from kiln.deploy.torchserve import export_torchserve, start_commands
+
+    ts = export_torchserve(runs, fuse=fuse, out=out)
+    _print_result(ts.export, fuse=fuse)
+    print(f"torchserve archive: {ts.archive} ({_size(ts.archive.stat().st_size)})")
+    print(f"handler: {ts.handler} (needs torch only; answers like kiln serve)")
+    print("serve it with TorchServe (Java 17; --foreground keeps it attached to the terminal):")
+    for line in start_commands(ts).splitlines():
+        print(f"  {line}")
+    return ts.archive
+
+
+def _print_result(result: ExportResult, *, fuse: bool) -> None:
+    """The file, its size, the method, the fusion and the parity table."""
     print(f"{result.format}: {result.path} ({_size(result.bytes)})")
     method = result.notes.get("method")
     if method:
@@ -53,4 +86,3 @@ def run_export(runs: list[str], *, format: str, fuse: bool, out: str | None) -> 
     for p in result.parity:
         print(f"  {p.batch:>5}  {p.max_abs:>10.2e}  {p.max_rel:>10.2e}  {'yes' if p.ok else 'NO'}")
     print(f"manifest: {result.path.parent / 'manifest.json'}")
-    return result.path

@@ -140,7 +140,7 @@ def consolidate(
 def export(
     runs: Annotated[list[str], typer.Argument(help="run directory (several = one ensemble model)")],
     format: Annotated[
-        str, typer.Option("--format", help="torchscript, exported or onnx")
+        str, typer.Option("--format", help="torchscript, exported, onnx or torchserve")
     ] = "exported",
     fuse: Annotated[
         bool, typer.Option("--fuse", help="fold conv-bn and linear chains first")

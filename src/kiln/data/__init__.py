@@ -24,6 +24,7 @@ from kiln.data.images import build_image_folder
 from kiln.data.loader import make_loader
 from kiln.data.multitask import build_digits_multitask
 from kiln.data.splits import split_indices, split_sizes, standardize, subset_splits
+from kiln.data.subsets import few_shot, select_classes
 from kiln.data.synthetic import build_synthetic
 from kiln.data.tables import build_csv, build_sklearn_table, sklearn_tables
 from kiln.data.text import build_text, decode, encode
@@ -69,7 +70,24 @@ def _layout(cfg: DataConfig, requested: str) -> str:
     return requested if requested in supported else supported[0]
 
 
-def build_data(cfg: DataConfig, *, seed: int, layout: str = "flat") -> DataBundle:
+def build_data(
+    cfg: DataConfig, *, seed: int, layout: str = "flat", sample_seed: int | None = None
+) -> DataBundle:
+    """Build the source's splits, then keep ``cfg.classes`` and ``cfg.train_per_class``.
+
+    ``seed`` seeds the split; ``sample_seed`` (default ``seed``; the trainer passes the run's
+    seed) picks the ``train_per_class`` labelled examples. See :func:`_build_source` for the
+    sources and :mod:`kiln.data.subsets` for the subsets.
+    """
+    bundle = _build_source(cfg, seed=seed, layout=layout)
+    if cfg.classes is not None:
+        bundle = select_classes(bundle, cfg.classes)
+    if cfg.train_per_class is not None and cfg.name != "topics":  # topics limits it itself
+        bundle = few_shot(bundle, cfg.train_per_class, seed if sample_seed is None else sample_seed)
+    return bundle
+
+
+def _build_source(cfg: DataConfig, *, seed: int, layout: str = "flat") -> DataBundle:
     """Build the train/val/test datasets described by ``cfg``.
 
     Args:
@@ -108,7 +126,11 @@ def build_data(cfg: DataConfig, *, seed: int, layout: str = "flat") -> DataBundl
         return build_synthetic(cfg, seed=seed)
     if name == "text":
         return build_text(cfg, seed=seed)
+    if name == "topics":
+        from kiln.data.topics import build_topics  # tokenizers is imported only here
+
+        return build_topics(cfg, seed=seed)
     raise ValueError(
         f"unknown data source {name!r}; allowed: digits, digits_multitask, sklearn:<name>, "
-        "csv, images, synthetic, text"
+        "csv, images, synthetic, text, topics"
     )

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Subset
 
-__all__ = ["split_indices", "split_sizes", "standardize", "subset_splits"]
+__all__ = ["limit_per_class", "split_indices", "split_sizes", "standardize", "subset_splits"]
 
 
 def split_sizes(
@@ -184,3 +184,25 @@ def standardize(
     std = torch.where(std > 1e-12, std, torch.ones_like(std))
     out = ((x64 - mean) / std).to(torch.float32)
     return out, mean.flatten().tolist(), std.flatten().tolist()
+
+
+def limit_per_class(indices: list[int], labels: list[int], k: int, seed: int) -> list[int]:
+    """At most ``k`` of ``indices`` per class, chosen by a seeded shuffle; sorted.
+
+    A class with fewer than ``k`` examples keeps all of them.
+
+    Example:
+        >>> limit_per_class([0, 1, 2, 3, 4], [0, 0, 0, 1, 1], k=1, seed=0) in ([0, 3], [0, 4],
+        ...     [1, 3], [1, 4], [2, 3], [2, 4])
+        True
+    """
+    if k < 1:
+        raise ValueError(f"train_per_class must be >= 1, got {k}")
+    gen = torch.Generator().manual_seed(seed)
+    order = [indices[i] for i in torch.randperm(len(indices), generator=gen).tolist()]
+    kept: dict[int, list[int]] = {}
+    for i in order:
+        bucket = kept.setdefault(labels[i], [])
+        if len(bucket) < k:
+            bucket.append(i)
+    return sorted(i for bucket in kept.values() for i in bucket)

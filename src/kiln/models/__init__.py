@@ -10,8 +10,60 @@ Example:
     2
 """
 
+from kiln.models.bow import BagOfWords, build_bow
+from kiln.models.features import create_feature_extractor, feature_names, get_features
 from kiln.models.gpt import GPT, build_gpt
 from kiln.models.mlp import MLP, build_mlp
+from kiln.models.multihead import MultiHead, build_multihead
+from kiln.models.pretrained import (
+    LoadReport,
+    layer_groups,
+    layerwise_lr_decay,
+    load_pretrained,
+    read_state_dict,
+)
 from kiln.models.resnet import BasicBlock, ResNet, build_resnet
+from kiln.models.summary import count_parameters
+from kiln.models.surgery import (
+    Adapter,
+    FreezeReport,
+    freeze,
+    insert_adapter,
+    replace_head,
+    truncate,
+    unfreeze,
+)
+from kiln.models.text_encoder import SentenceEncoder, TextClassifier, build_minilm
 
-__all__ = ["GPT", "MLP", "BasicBlock", "ResNet", "build_gpt", "build_mlp", "build_resnet"]
+__all__ = [
+    "GPT",
+    "MLP",
+    "Adapter",
+    "BagOfWords",
+    "BasicBlock",
+    "FreezeReport",
+    "LoadReport",
+    "MultiHead",
+    "ResNet",
+    "SentenceEncoder",
+    "TextClassifier",
+    "build_bow",
+    "build_gpt",
+    "build_minilm",
+    "build_mlp",
+    "build_multihead",
+    "build_resnet",
+    "count_parameters",
+    "create_feature_extractor",
+    "feature_names",
+    "freeze",
+    "get_features",
+    "insert_adapter",
+    "layer_groups",
+    "layerwise_lr_decay",
+    "load_pretrained",
+    "read_state_dict",
+    "replace_head",
+    "truncate",
+    "unfreeze",
+]

@@ -55,7 +55,7 @@ def build_data_for(cfg: Config) -> DataBundle:
     from kiln.data import build_data
 
     seed = cfg.data.split_seed if cfg.data.split_seed is not None else cfg.seed
-    return build_data(cfg.data, seed=seed, layout=resolve_layout(cfg))
+    return build_data(cfg.data, seed=seed, layout=resolve_layout(cfg), sample_seed=cfg.seed)
 
 
 def build_model_for(cfg: Config, info: DataInfo) -> nn.Module:
@@ -80,7 +80,35 @@ def build_model_for(cfg: Config, info: DataInfo) -> nn.Module:
             std=model_cfg.init_std,
             zero_init_last=model_cfg.zero_init_last,
         )
+    if model_cfg.pretrained:
+        load_pretrained_for(model, model_cfg)
     return model
+
+
+def load_pretrained_for(model: nn.Module, model_cfg: Any) -> None:
+    """Load ``model.pretrained`` into ``model``, leaving out ``pretrained_exclude`` keys.
+
+    With ``pretrained_strict`` every model key not excluded must load with its shape; the
+    excluded ones (a new head) keep their fresh initialisation.
+
+    Raises:
+        ValueError: the load report, when strict loading finds missing/unexpected/mismatched keys.
+    """
+    from fnmatch import fnmatchcase
+
+    from kiln.models.pretrained import load_pretrained, read_state_dict
+
+    pats = model_cfg.pretrained_exclude
+    state = read_state_dict(model_cfg.pretrained)
+    state = {k: v for k, v in state.items() if not any(fnmatchcase(k, p) for p in pats)}
+    report = load_pretrained(model, state, strict=False)
+    missing = [k for k in report.missing if not any(fnmatchcase(k, p) for p in pats)]
+    if model_cfg.pretrained_strict and (missing or report.unexpected or report.mismatched):
+        raise ValueError(
+            f"model.pretrained={model_cfg.pretrained} does not fit this model:\n{report}\n"
+            "exclude keys with model.pretrained_exclude=['fc.*'], or set "
+            "model.pretrained_strict=false to load what matches"
+        )
 
 
 def class_counts(dataset: Any, num_classes: int) -> torch.Tensor:

@@ -156,6 +156,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
             "optim.nesterov=true needs optim.momentum > 0 (got 0); set optim.momentum=0.9 "
             "or optim.nesterov=false"
         )
+    if cfg.layer_decay is not None:
+        from kiln.models.pretrained import layerwise_lr_decay
+
+        merged = dict(cfg.lr_mult)  # the user's own patterns match first
+        for pattern, mult in layerwise_lr_decay(model, cfg.layer_decay).items():
+            merged.setdefault(pattern, mult)
+        cfg = cfg.model_copy(update={"lr_mult": merged, "layer_decay": None})
     groups = param_groups(model, cfg)
     impl = _impl([p for g in groups for p in g["params"]])
     if cfg.name == "sgd":
