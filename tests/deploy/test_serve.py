@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import http.client
 import json
-import queue
 import random
 import re
 import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,68 +16,12 @@ from typing import Any
 import pytest
 import torch
 
-from helpers.runners import ROOT, kiln_env
+from helpers.runners import ROOT
+from helpers.serving import Server
 from kiln.config import load_config
 from kiln.deploy.serve import RequestError, load_backend, parse_inputs
 from kiln.train.trainer import Trainer
 from kiln.train.weights import load_model
-
-
-class Server:
-    """A ``kiln serve`` subprocess and its port."""
-
-    def __init__(self, target: Path, log: Path, *args: str) -> None:
-        self.log = log.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kiln", "serve", str(target), "--port", "0", *args],
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
-            env=kiln_env(),
-        )
-        lines: queue.Queue[str] = queue.Queue()
-        assert self.proc.stdout is not None
-        out = self.proc.stdout
-
-        def pump() -> None:
-            for x in out:
-                lines.put(x)
-
-        threading.Thread(target=pump, daemon=True).start()
-        line = lines.get(timeout=60)
-        m = re.search(r"http://127\.0\.0\.1:(\d+) \(ready\)", line)
-        assert m, line
-        self.port = int(m.group(1))
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: bytes | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> tuple[int, bytes, dict[str, str]]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            resp = conn.getresponse()
-            return resp.status, resp.read(), dict(resp.getheaders())
-        finally:
-            conn.close()
-
-    def predict(self, inputs: Any) -> tuple[int, Any]:
-        status, data, _ = self.request("POST", "/predict", json.dumps({"inputs": inputs}).encode())
-        return status, json.loads(data)
-
-    def close(self, *, signal_it: bool = True) -> int:
-        if signal_it and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout=30)
-        finally:
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
-            self.log.close()
-        return code
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,10 @@ def test_unknown_name_suggests_and_lists() -> None:
         "minilm, bow; "
         "or set model.target=pkg.module:Class"
     )
-    with pytest.raises(ValueError, match=r"^unknown model 'zzz'; allowed: mlp, resnet, gpt, multihead, minilm, bow; or"):
+    with pytest.raises(
+        ValueError,
+        match=r"^unknown model 'zzz'; allowed: mlp, resnet, gpt, multihead, minilm, bow; or",
+    ):
         build_model(ModelConfig(name="zzz"), IMAGE)
 
 

@@ -159,7 +159,10 @@ def export(
 
 @app.command()
 def serve(
-    target: Annotated[str, typer.Argument(help="run directory, or an exported .pt2 / .onnx file")],
+    targets: Annotated[
+        list[str],
+        typer.Argument(help="run directory (several = one ensemble), or an exported .pt2 / .onnx"),
+    ],
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port (0 = any free port)")] = 8000,
     max_batch: Annotated[int, typer.Option(help="most requests per forward pass")] = 32,
@@ -168,6 +171,12 @@ def serve(
     ] = 0.0,
     queue_size: Annotated[int, typer.Option(help="bounded queue; 503 when full")] = 1024,
     timeout_s: Annotated[float, typer.Option(help="per-request timeout")] = 10.0,
+    workers: Annotated[int, typer.Option(help="server processes sharing the port")] = 1,
+    tta: Annotated[
+        str | None, typer.Option(help="test-time augmentation: flip, vflip, shift, noise")
+    ] = None,
+    compile: Annotated[bool, typer.Option(help="torch.compile the eager model")] = False,
+    reuse_port: Annotated[bool, typer.Option(hidden=True)] = False,
     debug: Debug = False,
 ) -> None:
     """Serve a trained run over HTTP with dynamic batching (/predict, /health, /ready, /metrics)."""
@@ -176,13 +185,17 @@ def serve(
 
     run_cli(
         lambda: run_serve(
-            target,
+            targets,
             host=host,
             port=port,
             max_batch=max_batch,
             max_delay_ms=max_delay_ms,
             queue_size=queue_size,
             timeout_s=timeout_s,
+            workers=workers,
+            tta=tta,
+            compile=compile,
+            reuse_port=reuse_port,
         ),
         debug=debug,
     )

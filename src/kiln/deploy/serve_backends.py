@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,25 +51,71 @@ def _exported_info(path: Path) -> DataInfo:
     )
 
 
-def load_backend(target: str | Path) -> Backend:
-    """Load what ``target`` names: a run directory (eager), a ``.pt2`` or an ``.onnx`` file.
+def load_backend(
+    target: str | Path | Sequence[str | Path],
+    *,
+    tta: str | None = None,
+    compile: bool = False,
+) -> Backend:
+    """Load what ``target`` names: run directories (eager), a ``.pt2`` or an ``.onnx`` file.
+
+    Args:
+        target: one run directory, several (served as one mean-probability ensemble), or one
+            exported file.
+        tta: test-time augmentation transforms for eager models (``flip,shift``; see
+            :mod:`kiln.algorithms.tta`): each request is answered with the mean over the views.
+        compile: ``torch.compile`` the eager model (the warm-up pays the compile time).
 
     Raises:
         FileNotFoundError: the target or its data description is missing.
-        ValueError: the target is not a run directory, ``.pt2`` or ``.onnx`` file, or its task
-            cannot be served yet (``lm``).
+        ValueError: the target is not a run directory, ``.pt2`` or ``.onnx`` file, options that
+            need an eager model on an exported file, or a task that cannot be served yet.
     """
-    p = Path(target)
-    if p.is_dir():
+    targets = [Path(target)] if isinstance(target, (str, Path)) else [Path(t) for t in target]
+    if not targets:
+        raise ValueError("give a run directory or an exported .pt2/.onnx file to serve")
+    p = targets[0]
+    kind = "eager"
+    if all(t.is_dir() for t in targets):
         from kiln.train.weights import load_model
 
         info = _read_info(p)
-        model = load_model(p)
+        if info.task not in ("classification", "regression"):
+            raise ValueError(f"serving {info.task!r} models is not yet supported")
+        model: torch.nn.Module
+        if len(targets) > 1:
+            from kiln.algorithms.ensemble import load_ensemble
+
+            model = load_ensemble(targets)
+            kind = f"ensemble of {len(targets)}"
+        else:
+            model = load_model(p)
+        if tta:
+            from kiln.algorithms.tta import TTA, check_transforms, parse_transforms
+
+            transforms = parse_transforms(tta)
+            check_transforms(transforms, info.input_shape)
+            model = TTA(model, transforms, task=info.task)
+            kind += f" + tta({','.join(transforms)})"
+        model.eval()
         predict: Callable[[torch.Tensor], torch.Tensor] = model
-        kind = "eager"
-    elif p.is_file() and p.suffix in (".pt2", ".onnx"):
+        if compile:
+            predict = torch.compile(model)
+            kind += " compiled"
+        return Backend(predict, info, kind, ", ".join(map(str, targets)))
+    if len(targets) > 1:
+        raise ValueError(
+            "an ensemble is served from run directories; to serve an exported ensemble, export it "
+            "first with `kiln export RUN_A RUN_B --format exported` and serve the .pt2"
+        )
+    if p.is_file() and p.suffix in (".pt2", ".onnx"):
         from kiln.deploy.export import load_exported
 
+        if tta or compile:
+            raise ValueError(
+                "--tta and --compile apply to eager models; serve the run directory instead of "
+                f"{p.name}, or export the model with its TTA"
+            )
         info = _exported_info(p)
         kind = "onnx" if p.suffix == ".onnx" else "exported"
         predict = load_exported(p, kind)
