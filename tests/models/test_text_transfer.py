@@ -14,7 +14,8 @@ from torch.utils.data import Dataset
 
 from kiln.config import DataConfig
 from kiln.data.base import ArrayDataset, DataInfo
-from kiln.data.topics import build_topics, limit_per_class, read_tsv
+from kiln.data.splits import limit_per_class
+from kiln.data.topics import build_topics, read_tsv
 from kiln.data.topics_corpus import TOPICS, topic_sentences
 from kiln.models.bow import BagOfWords, build_bow
 
@@ -340,3 +341,26 @@ def test_build_topics_refuses_one_class_and_regression(tmp_path: Path) -> None:
         build_topics(DataConfig(path=str(path)), seed=0)
     with pytest.raises(ValueError, match=r"data\.task=auto"):
         build_topics(DataConfig(task="regression"), seed=0)
+
+
+@needs_minilm
+@pytest.mark.slow
+def test_surgery_on_the_minilm_classifier(tokenizer: Any) -> None:
+    """Kiln's surgery helpers work on the MiniLM model like on any other module."""
+    from kiln.config import OptimConfig
+    from kiln.models import count_parameters, freeze, replace_head
+    from kiln.models.text_encoder import build_minilm, encode_texts
+    from kiln.train.optim import build_optimizer
+
+    info = DataInfo("classification", (16,), num_classes=4, vocab_size=30522)
+    model = build_minilm(info, dropout=0.0)
+    report = freeze(model, ["encoder"])
+    assert report.changed_elements == count_parameters(model.encoder).total > 22_000_000
+    assert replace_head(model, 7) == "head" and model.head.out_features == 7
+    opt = build_optimizer(model, OptimConfig(lr=1e-3))
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert in_opt == {id(model.head.weight), id(model.head.bias)}
+    logits = model(encode_texts(tokenizer, SENTENCES, max_len=16))
+    assert logits.shape == (3, 7)
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 6])).backward()
+    assert all(p.grad is None for p in model.encoder.parameters())
