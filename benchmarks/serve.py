@@ -276,6 +276,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=300, help="untimed requests per level")
     ap.add_argument("--ts-delay-ms", type=int, default=5, help="TorchServe maxBatchDelay")
     ap.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset")
+    ap.add_argument(
+        "--levels", default=",".join(map(str, CONCURRENCY)), help="client counts, e.g. 1,32"
+    )
     ap.add_argument("--json", help="also write the raw measurements here")
     ap.add_argument("--load", metavar="URL", help=argparse.SUPPRESS)
     ap.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
@@ -283,7 +286,7 @@ def main() -> None:
     if args.load:
         C.emit(load(args.load, args.concurrency, args.requests, args.warmup))
         return
-    levels = (1, 8) if args.quick else CONCURRENCY
+    levels = (1, 8) if args.quick else tuple(int(c) for c in args.levels.split(","))
     reps = 1 if args.quick else args.reps
     requests, warmup = (100, 20) if args.quick else (args.requests, args.warmup)
 

@@ -176,6 +176,12 @@ def serve(
         str | None, typer.Option(help="test-time augmentation: flip, vflip, shift, noise")
     ] = None,
     compile: Annotated[bool, typer.Option(help="torch.compile the eager model")] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="torch intra-op threads per process (1 suits small models on busy hosts)"
+        ),
+    ] = None,
     reuse_port: Annotated[bool, typer.Option(hidden=True)] = False,
     debug: Debug = False,
 ) -> None:
@@ -196,6 +202,7 @@ def serve(
             tta=tta,
             compile=compile,
             reuse_port=reuse_port,
+            threads=threads,
         ),
         debug=debug,
     )

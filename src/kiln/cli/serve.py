@@ -50,6 +50,7 @@ def run_serve(
     tta: str | None = None,
     compile: bool = False,
     reuse_port: bool = False,
+    threads: int | None = None,
 ) -> None:
     """Serve ``targets`` until SIGTERM/SIGINT, then drain and return.
 
@@ -60,12 +61,15 @@ def run_serve(
     """
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
     if workers > 1:
         _supervise(
             targets,
             host=host,
             port=port,
             workers=workers,
+            threads=threads,
             extra=[
                 f"--max-batch={max_batch}",
                 f"--max-delay-ms={max_delay_ms}",
@@ -76,8 +80,12 @@ def run_serve(
             ],
         )
         return
+    import torch
+
     from kiln.deploy.serve import ModelServer, load_backend
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     backend = load_backend(targets, tta=tta, compile=compile)
     server = ModelServer(
@@ -107,7 +115,15 @@ def run_serve(
     print("stopped", file=sys.stderr, flush=True)
 
 
-def _supervise(targets: list[str], *, host: str, port: int, workers: int, extra: list[str]) -> None:
+def _supervise(
+    targets: list[str],
+    *,
+    host: str,
+    port: int,
+    workers: int,
+    threads: int | None,
+    extra: list[str],
+) -> None:
     """Start ``workers`` server processes on one port, wait for SIGTERM, stop them all."""
     from kiln.deploy.serve_http import bind_socket
 
@@ -115,11 +131,11 @@ def _supervise(targets: list[str], *, host: str, port: int, workers: int, extra:
     # until every worker has bound it: port 0 then means one free port for all of them.
     holder = bind_socket(host, port, reuse_port=True, listen=False)
     port = holder.getsockname()[1]
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
     cmd = [sys.executable, "-m", "kiln", "serve", *targets, f"--host={host}", f"--port={port}"]
+    cmd.append(f"--threads={threads}")
     procs = [
-        subprocess.Popen([*cmd, "--reuse-port", *extra], stdout=subprocess.PIPE, text=True, env=env)
+        subprocess.Popen([*cmd, "--reuse-port", *extra], stdout=subprocess.PIPE, text=True)
         for _ in range(workers)
     ]
     stop = threading.Event()
