@@ -17,6 +17,7 @@ SCRIPTS = [
     "compile.py",
     "quantize.py",
     "serve.py",
+    "transfer.py",
     pytest.param("ddp_scaling.py", marks=pytest.mark.distributed),
 ]
 

@@ -81,28 +81,30 @@ def test_layer_decay_sets_group_lrs() -> None:
 
 @pytest.mark.slow
 def test_digits_transfer_beats_scratch_with_few_labels(tmp_path: Path) -> None:
-    """The shipped transfer job: pretrained on 0-4, 3 labels per class of 5-9, 3 seeds."""
+    """The shipped job with 3 labels per class of 5-9: gradual unfreezing from the 0-4 model
+    beats scratch at its best LR (0.03, chosen on validation; see transfer_digits.md), 3 seeds.
+
+    At 10 labels per class a small CNN from scratch already reaches ~92% on digits and transfer
+    only ties it (the table in docs/techniques/transfer_digits.md); 3 labels show the effect.
+    """
     from kiln.config import load_config
 
     root = Path(__file__).resolve().parents[2]
     common = [f"out_dir={tmp_path}", "log.tensorboard=false", "log.progress=false"]
-    pre = load_config(root / "configs/transfer_pretrain.yaml", [*common, "train.epochs=6"])
+    pre = load_config(root / "configs/transfer_pretrain.yaml", [*common, "train.epochs=10"])
     src = Trainer(pre, verbose=False)
     src.fit()
-    few = [
-        *common,
-        f"model.pretrained={src.run_dir}",
-        "data.train_per_class=3",
-        "data.batch_size=15",
-        "train.epochs=40",
-        "optim.lr=0.01",
-    ]
+    few = [*common, f"model.pretrained={src.run_dir}", "data.train_per_class=3"]
+    arms = {
+        "transfer": [
+            "freeze.modules=[stem, stages]",
+            "freeze.unfreeze_at={10: [stages.2], 20: [stem, stages]}",
+        ],
+        "scratch": ["model.pretrained=null", "optim.lr_mult={}", "optim.lr=0.03"],
+    }
     acc: dict[str, list[float]] = {"transfer": [], "scratch": []}
     for seed in range(3):
-        for kind, extra in (
-            ("transfer", []),
-            ("scratch", ["model.pretrained=null", "optim.lr_mult={}"]),
-        ):
+        for kind, extra in arms.items():
             cfg = load_config(
                 root / "configs/transfer_finetune.yaml",
                 [*few, *extra, f"seed={seed}", f"name={kind}-{seed}"],
