@@ -18,6 +18,7 @@ SCRIPTS = [
     "quantize.py",
     "serve.py",
     "transfer.py",
+    "text_transfer.py",
     pytest.param("ddp_scaling.py", marks=pytest.mark.distributed),
 ]
 

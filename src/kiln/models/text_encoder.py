@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -192,11 +193,19 @@ def _load_backbone(folder: Path) -> nn.Module:
         ) from exc
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    # transformers imports torchao while loading: it logs the optional CUDA kernels it cannot
+    # load on this machine and torch's deprecation of its Enum registrations. Harmless noise.
+    noisy = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in noisy]
+    for lg in noisy:
+        lg.setLevel(logging.ERROR)
     try:
         model: nn.Module = AutoModel.from_pretrained(str(folder), local_files_only=True)
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()
+        for lg, level in zip(noisy, levels, strict=True):
+            lg.setLevel(level)
     return model
 
 

@@ -81,9 +81,12 @@ def final_kind(self: Trainer) -> str:
     """What model.safetensors holds (written to summary.json)."""
     if self.tech.swa is not None:
         return f"swa average of {self.tech.swa.n_averaged} epochs"
+    ck = self.cfg.checkpoint
+    only_final = not ck.every_epoch and ck.every_n_steps is None  # one checkpoint: the last
+    what = "final weights" if only_final else "best checkpoint"
     if self.tech.ema is not None and self.cfg.ema.evaluate:
-        return "ema of the best checkpoint"
-    return "best checkpoint"
+        return f"ema of the {what}"
+    return what
 
 
 def swa_result(self: Trainer) -> nn.Module:
