@@ -182,8 +182,10 @@ class Started:
         self.url, self.stop = url, stop
 
 
-def start_kiln(model: Path, env: dict[str, str]) -> Started:
+def start_kiln(model: Path, env: dict[str, str], workers: int = 1) -> Started:
     cmd = [sys.executable, "-m", "kiln", "serve", str(model), "--port", "0", "--max-batch", "32"]
+    if workers > 1:
+        cmd += ["--workers", str(workers), "--threads", "1"]
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -241,7 +243,7 @@ def start_litserve(model: Path, work: Path, env: dict[str, str]) -> Started:
 # ----------------------------------------------------------------------------- main
 
 
-def prepare(work: Path, ts_delay_ms: int, quick: bool) -> tuple[Path, Path]:
+def prepare(work: Path, ts_delay_ms: int, quick: bool, ts_workers: int = 1) -> tuple[Path, Path]:
     """Train the digits MLP briefly and export it for TorchServe; returns (model.pt2, .mar)."""
     from kiln.config import load_config
     from kiln.deploy.torchserve import export_torchserve
@@ -253,7 +255,9 @@ def prepare(work: Path, ts_delay_ms: int, quick: bool) -> tuple[Path, Path]:
         overrides.append("model.kwargs.hidden=[32]")
     cfg = load_config(C.ROOT / "configs/digits_mlp.yaml", overrides)
     run_dir = Trainer(cfg, verbose=False).fit().run_dir
-    ts = export_torchserve([run_dir], out=work / "export", max_batch_delay_ms=ts_delay_ms)
+    ts = export_torchserve(
+        [run_dir], out=work / "export", max_batch_delay_ms=ts_delay_ms, workers=ts_workers
+    )
     return ts.export.path, ts.archive
 
 
@@ -276,6 +280,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=300, help="untimed requests per level")
     ap.add_argument("--ts-delay-ms", type=int, default=5, help="TorchServe maxBatchDelay")
     ap.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset")
+    ap.add_argument("--kiln-workers", type=int, default=1, help="kiln serve --workers N")
+    ap.add_argument("--ts-workers", type=int, default=1, help="TorchServe worker processes")
     ap.add_argument(
         "--levels", default=",".join(map(str, CONCURRENCY)), help="client counts, e.g. 1,32"
     )
@@ -305,12 +311,12 @@ def main() -> None:
     raw: dict[str, list[dict[int, Any]]] = {s: [] for s in servers}
     with tempfile.TemporaryDirectory(prefix="kiln-serve-bench-") as tmp:
         work = Path(tmp)
-        model, archive = prepare(work, args.ts_delay_ms, args.quick)
+        model, archive = prepare(work, args.ts_delay_ms, args.quick, args.ts_workers)
         for rep in range(reps):
             for name in C.interleaved(servers, rep):
                 print(f"rep {rep + 1}/{reps}: {name}", file=sys.stderr, flush=True)
                 if name == "kiln serve":
-                    started = start_kiln(model, env)
+                    started = start_kiln(model, env, args.kiln_workers)
                 elif name == "TorchServe":
                     started = start_torchserve(archive, work / f"ts-{rep}", env)
                 else:
@@ -326,8 +332,9 @@ def main() -> None:
     print(f"# serving: {'quick smoke test' if args.quick else 'median of ' + str(reps) + ' reps'}")
     print(C.machine_facts(threads=1, pinning="none (servers and load generator share the cores)"))
     print(
-        f"\nTorchServe: batch 32, maxBatchDelay {args.ts_delay_ms} ms, 1 worker; kiln serve: "
-        "max batch 32, no wait; one example per request; keep-alive clients\n"
+        f"\nTorchServe: batch 32, maxBatchDelay {args.ts_delay_ms} ms, "
+        f"{args.ts_workers} worker(s); kiln serve: {args.kiln_workers} process(es), max batch 32, "
+        "no wait; one example per request; keep-alive clients\n"
     )
     rows = []
     for c in levels:

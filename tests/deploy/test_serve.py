@@ -41,15 +41,29 @@ def server(run_dir: Path) -> Iterator[Server]:
         assert s.close() == 0
 
 
-def test_parse_inputs_shapes() -> None:
-    x, single = parse_inputs({"inputs": [0.0] * 4}, (4,))
-    assert single and x.shape == (1, 4)
-    x, single = parse_inputs({"inputs": [[1] * 4, [2] * 4]}, (4,))
-    assert not single and x.shape == (2, 4)
-    cases: list[Any] = [{"inputs": [0.0] * 3}, {"inputs": ["a"] * 4}, {"x": 1}, [1], {"inputs": []}]
+@pytest.mark.parametrize("fast", [False, True])
+def test_parse_inputs_shapes(fast: bool) -> None:
+    x, single = parse_inputs({"inputs": [0.0] * 4}, (4,), fast=fast)
+    assert single and x.shape == (1, 4) and x.dtype == torch.float32
+    x, single = parse_inputs({"inputs": [[1] * 4, [2] * 4]}, (4,), fast=fast)
+    assert not single and x.shape == (2, 4) and x.dtype == torch.float32
+    assert x.tolist() == [[1.0] * 4, [2.0] * 4]
+    cases: list[Any] = [
+        {"inputs": [0.0] * 3},
+        {"inputs": ["a"] * 4},
+        {"inputs": ["1.5"] * 4},  # numeric strings are not numbers
+        {"inputs": [None] * 4},
+        {"inputs": [[1, 2], [3]]},
+        {"inputs": [float("nan")] * 4},
+        {"inputs": [1e39] * 4},  # beyond float32
+        {"inputs": [10**400] * 4},  # a huge JSON integer must not escape as OverflowError
+        {"x": 1},
+        [1],
+        {"inputs": []},
+    ]
     for bad in cases:
         with pytest.raises(RequestError) as err:
-            parse_inputs(bad, (4,))
+            parse_inputs(bad, (4,), fast=fast)
         assert err.value.status == 422
 
 

@@ -252,7 +252,8 @@ class ModelServer:
             body = json.loads(req.body, parse_constant=_reject_constant)
         except (ValueError, RecursionError) as exc:
             raise RequestError(400, f"invalid JSON: {exc}") from None
-        x, _ = parse_inputs(body, self.backend.info.input_shape)
+        no_bools = b"true" not in req.body and b"false" not in req.body
+        x, _ = parse_inputs(body, self.backend.info.input_shape, fast=no_bools)
         try:
             future = self.batcher.submit(x)
         except QueueFull as exc:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from kiln.data.base import DataInfo
@@ -25,6 +25,9 @@ class RequestError(Exception):
         self.message = message
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def _shape_of(value: Any) -> tuple[int, ...]:
     """The nested-list shape of ``value``, checking it is rectangular and numeric.
 
@@ -34,8 +37,8 @@ def _shape_of(value: Any) -> tuple[int, ...]:
     if isinstance(value, bool) or value is None or isinstance(value, (str, dict)):
         raise RequestError(422, f"inputs must hold numbers only; found {type(value).__name__}")
     if isinstance(value, (int, float)):
-        if not math.isfinite(value):
-            raise RequestError(422, "inputs must be finite numbers")
+        if not abs(value) <= _FLOAT32_MAX:  # False for NaN and inf too; exact for huge ints
+            raise RequestError(422, "inputs must be finite numbers within float32's range")
         return ()
     if not isinstance(value, list):
         raise RequestError(422, f"inputs must be nested lists; found {type(value).__name__}")
@@ -48,13 +51,36 @@ def _shape_of(value: Any) -> tuple[int, ...]:
     return (len(value), *inner)
 
 
-def parse_inputs(body: Any, input_shape: tuple[int, ...]) -> tuple[torch.Tensor, bool]:
+def parse_inputs(
+    body: Any, input_shape: tuple[int, ...], *, fast: bool = False
+) -> tuple[torch.Tensor, bool]:
     """Validate a ``/predict`` body; returns ``(rows, *input_shape)`` float32 and single-ness.
+
+    ``fast=True`` (for a body known to hold no JSON ``true``/``false``) converts with one
+    ``torch.tensor`` call first and walks the nested lists only when that fails or the shape is
+    wrong, to say what is wrong; the answer is the same either way.
 
     Raises:
         RequestError: 422 naming the expected shape when the body does not fit.
     """
     want = list(input_shape)
+    if fast and isinstance(body, dict) and isinstance(body.get("inputs"), list):
+        # One C-level conversion (numpy: ~3 us for 64 numbers, a quarter of torch.tensor plus
+        # torch.isfinite, and no torch dispatch on the event loop's thread). Strings, nulls and
+        # ragged lists give a non-numeric dtype or an error; the caller has ruled out booleans.
+        try:
+            a = np.array(body["inputs"])
+        except (TypeError, ValueError, OverflowError):
+            a = None  # the full check below says what is wrong
+        if a is not None and a.dtype.kind in "fiu":
+            with np.errstate(over="ignore"):  # beyond float32's range: inf, refused below
+                a = a.astype(np.float32, copy=False)
+        if a is not None and a.dtype == np.float32 and bool(np.isfinite(a).all()):
+            x = torch.from_numpy(a)
+            if tuple(x.shape) == tuple(input_shape):
+                return x.unsqueeze(0), True
+            if tuple(x.shape[1:]) == tuple(input_shape) and x.shape[0] > 0:
+                return x, False
     if not isinstance(body, dict) or "inputs" not in body:
         raise RequestError(
             422,

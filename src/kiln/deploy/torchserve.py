@@ -234,14 +234,16 @@ def handler_source(
     )
 
 
-def _model_config(batch_size: int, max_batch_delay_ms: int, response_timeout_s: int) -> str:
+def _model_config(
+    batch_size: int, max_batch_delay_ms: int, response_timeout_s: int, workers: int = 1
+) -> str:
     """TorchServe's per-model YAML (packed with ``--config-file``)."""
     return (
         "# TorchServe per-model settings, written by kiln export --format torchserve.\n"
         f"batchSize: {batch_size}\n"
         f"maxBatchDelay: {max_batch_delay_ms}\n"
-        "minWorkers: 1\n"
-        "maxWorkers: 1\n"
+        f"minWorkers: {workers}\n"
+        f"maxWorkers: {workers}\n"
         f"responseTimeout: {response_timeout_s}\n"
     )
 
@@ -296,6 +298,7 @@ def export_torchserve(
     batch_size: int = 32,
     max_batch_delay_ms: int = 5,
     response_timeout_s: int = 30,
+    workers: int = 1,
 ) -> TorchServeResult:
     """Export the run(s) with a parity check and pack them as a TorchServe archive.
 
@@ -308,6 +311,7 @@ def export_torchserve(
         batch_size: TorchServe's ``batchSize``: most requests per forward pass.
         max_batch_delay_ms: TorchServe's ``maxBatchDelay``: how long it waits for a fuller batch.
         response_timeout_s: TorchServe's ``responseTimeout`` for one batch.
+        workers: TorchServe's ``minWorkers``/``maxWorkers``: Python worker processes.
 
     Returns:
         A :class:`TorchServeResult`.
@@ -353,7 +357,7 @@ def export_torchserve(
     handler = folder / HANDLER
     handler.write_text(source)
     config = folder / MODEL_CONFIG
-    config.write_text(_model_config(batch_size, max_batch_delay_ms, response_timeout_s))
+    config.write_text(_model_config(batch_size, max_batch_delay_ms, response_timeout_s, workers))
     manifest_path = folder / MANIFEST
     mar = _archive(folder, name, [result.path, handler, config, manifest_path])
     result.manifest["torchserve"] = {
