@@ -52,11 +52,7 @@ from kiln.data.loader import batch_sizes, start_epoch
 from kiln.train import build, distributed, snapshots
 from kiln.train.callbacks import Callbacks
 from kiln.train.checkpoint import CheckpointManager, resolve_checkpoint
-from kiln.train.evaluation import (
-    evaluate,
-    group_totals,
-    monitor_mode,
-)
+from kiln.train.evaluation import evaluate, group_totals, monitor_mode
 from kiln.train.finish import FitResult, finish
 from kiln.train.guard import handle_nonfinite
 from kiln.train.logging import MetricsLogger, Progress
