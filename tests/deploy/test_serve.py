@@ -32,9 +32,11 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(Trainer(cfg, verbose=False).fit().run_dir)
 
 
-@pytest.fixture(scope="module")
-def server(run_dir: Path) -> Iterator[Server]:
-    s = Server(run_dir, run_dir / "serve.log", "--max-batch", "32")
+@pytest.fixture(scope="module", params=["loop", "thread"])
+def server(run_dir: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
+    """The server with each batcher: on the event loop (default) and on a worker thread."""
+    log = run_dir / f"serve-{request.param}.log"
+    s = Server(run_dir, log, "--max-batch", "32", "--batcher", request.param)
     try:
         yield s
     finally:

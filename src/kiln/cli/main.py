@@ -182,6 +182,9 @@ def serve(
             help="torch intra-op threads per process (1 suits small models on busy hosts)"
         ),
     ] = None,
+    batcher: Annotated[
+        str, typer.Option(help="loop (batches on the event loop; default) or thread")
+    ] = "loop",
     reuse_port: Annotated[bool, typer.Option(hidden=True)] = False,
     debug: Debug = False,
 ) -> None:
@@ -203,6 +206,7 @@ def serve(
             compile=compile,
             reuse_port=reuse_port,
             threads=threads,
+            batcher=batcher,
         ),
         debug=debug,
     )

@@ -51,6 +51,7 @@ def run_serve(
     compile: bool = False,
     reuse_port: bool = False,
     threads: int | None = None,
+    batcher: str = "loop",
 ) -> None:
     """Serve ``targets`` until SIGTERM/SIGINT, then drain and return.
 
@@ -77,6 +78,7 @@ def run_serve(
                 f"--timeout-s={timeout_s}",
                 *([f"--tta={tta}"] if tta else []),
                 *(["--compile"] if compile else []),
+                f"--batcher={batcher}",
             ],
         )
         return
@@ -97,6 +99,7 @@ def run_serve(
         queue_size=queue_size,
         timeout_s=timeout_s,
         reuse_port=reuse_port,
+        batcher=batcher,
     )
     stop = threading.Event()
     old = _signals(stop)

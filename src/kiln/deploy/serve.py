@@ -24,13 +24,13 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, Future
 from typing import Any
 
 import torch
 
 from kiln.deploy.serve_backends import Backend, load_backend
-from kiln.deploy.serve_batcher import Batcher, QueueFull
+from kiln.deploy.serve_batcher import Batcher, LoopBatcher, QueueFull
 from kiln.deploy.serve_http import HTTPFront, Request, Response, bind_socket
 from kiln.deploy.serve_inputs import (
     MAX_BODY,
@@ -89,12 +89,15 @@ class ModelServer:
         queue_size: int = 1024,
         timeout_s: float = 10.0,
         reuse_port: bool = False,
+        batcher: str = "loop",
     ) -> None:
         """Bind the socket (``port=0`` picks a free one); :meth:`start` serves.
 
         Args:
             reuse_port: let several processes bind the same port (``SO_REUSEPORT``); the kernel
                 spreads new connections over them (``kiln serve --workers N``).
+            batcher: ``loop`` runs batches on the event loop (fastest for small models),
+                ``thread`` on a worker thread (parsing overlaps a large model's forward pass).
 
         Raises:
             ValueError: a non-positive batch, queue or timeout, or a negative delay.
@@ -104,7 +107,9 @@ class ModelServer:
         self.backend = backend
         self.timeout_s = timeout_s
         self.metrics = ServeMetrics()
-        self.batcher = Batcher(
+        if batcher not in ("loop", "thread"):
+            raise ValueError(f"batcher must be 'loop' or 'thread', got {batcher!r}")
+        self.batcher: Batcher | LoopBatcher = (LoopBatcher if batcher == "loop" else Batcher)(
             backend.predict,
             max_batch=max_batch,
             max_delay_ms=max_delay_ms,
@@ -258,8 +263,9 @@ class ModelServer:
             future = self.batcher.submit(x)
         except QueueFull as exc:
             raise RequestError(503, str(exc)) from None
+        waiter = asyncio.wrap_future(future) if isinstance(future, Future) else future
         try:
-            out = await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
+            out = await asyncio.wait_for(waiter, self.timeout_s)
         except (asyncio.TimeoutError, CancelledError, asyncio.CancelledError):
             future.cancel()
             raise RequestError(504, f"no answer within {self.timeout_s:g} s") from None
