@@ -4,8 +4,9 @@ Endpoints: ``POST /predict`` (``{"inputs": [...]}``, one example or a list of ex
 ``GET /health`` (alive), ``GET /ready`` (model loaded and warmed up), ``GET /metrics``
 (Prometheus text) and ``GET /openapi.json``. Requests go through a bounded queue to a
 batcher (:mod:`kiln.deploy.serve_batcher`: on the event loop, or on a worker thread); a full
-queue answers 503 with ``Retry-After``, a request that waits past its timeout 504. Bad input gets a 4xx that says
-what was expected; no request can produce an unhandled error or stop the server.
+queue answers 503 with ``Retry-After``, a request that waits past its timeout 504. Bad input
+gets a 4xx that says what was expected; no request can produce an unhandled error or stop the
+server.
 
 Example:
     >>> backend = load_backend("runs/digits")                      # doctest: +SKIP
