@@ -54,7 +54,30 @@ class Job:
         return int(self.x.shape[0])
 
 
-class Batcher:
+class _Settings:
+    """What both batchers take: the model, the batch and queue limits, the metrics hook."""
+
+    def __init__(
+        self,
+        predict: Callable[[torch.Tensor], torch.Tensor],
+        max_batch: int,
+        max_delay_ms: float,
+        queue_size: int,
+        on_batch: Callable[[int], None] | None,
+    ) -> None:
+        if max_batch < 1 or queue_size < 1 or max_delay_ms < 0:
+            raise ValueError(
+                f"max_batch and queue_size must be >= 1 and max_delay_ms >= 0; got "
+                f"{max_batch}, {queue_size}, {max_delay_ms}"
+            )
+        self.predict = predict
+        self.max_batch = max_batch
+        self.max_delay = max_delay_ms / 1000.0
+        self.queue_size = queue_size
+        self.on_batch = on_batch
+
+
+class Batcher(_Settings):
     """Gathers queued requests into batches for one worker thread."""
 
     def __init__(
@@ -78,16 +101,7 @@ class Batcher:
         Raises:
             ValueError: a non-positive size or a negative delay.
         """
-        if max_batch < 1 or queue_size < 1 or max_delay_ms < 0:
-            raise ValueError(
-                f"max_batch and queue_size must be >= 1 and max_delay_ms >= 0; got "
-                f"{max_batch}, {queue_size}, {max_delay_ms}"
-            )
-        self.predict = predict
-        self.max_batch = max_batch
-        self.max_delay = max_delay_ms / 1000.0
-        self.queue_size = queue_size
-        self.on_batch = on_batch
+        super().__init__(predict, max_batch, max_delay_ms, queue_size, on_batch)
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -213,7 +227,7 @@ def forward_jobs(
         start += job.rows
 
 
-class LoopBatcher:
+class LoopBatcher(_Settings):
     """Batches on the server's event loop: no worker thread, no cross-thread hand-off.
 
     :meth:`submit` (called on the loop) queues a job and schedules one flush for the current
@@ -243,16 +257,7 @@ class LoopBatcher:
         queue_size: int,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
-        if max_batch < 1 or queue_size < 1 or max_delay_ms < 0:
-            raise ValueError(
-                f"max_batch and queue_size must be >= 1 and max_delay_ms >= 0; got "
-                f"{max_batch}, {queue_size}, {max_delay_ms}"
-            )
-        self.predict = predict
-        self.max_batch = max_batch
-        self.max_delay = max_delay_ms / 1000.0
-        self.queue_size = queue_size
-        self.on_batch = on_batch
+        super().__init__(predict, max_batch, max_delay_ms, queue_size, on_batch)
         self._pending: collections.deque[Job] = collections.deque()
         self._rows = 0
         self._timer: asyncio.TimerHandle | None = None

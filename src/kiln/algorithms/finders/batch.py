@@ -77,23 +77,13 @@ def _cpu_peak_increment(fn: Callable[[], object]) -> int:
     order (``nbytes`` positive or negative); their running sum is the live tensor memory above
     the level at the start, and its maximum is the step's peak.
     """
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
+
+    from kiln.perf.measure import cpu_peak_bytes
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    results = prof.profiler.kineto_results if prof.profiler is not None else None
-    if results is None:
-        raise RuntimeError("the profiler returned no events; cannot measure CPU memory")
-    events = [
-        e for e in results.events() if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
-    ]
-    events.sort(key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
+    return cpu_peak_bytes(prof)
 
 
 def peak_step_memory(
