@@ -15,21 +15,17 @@ from typing import Any
 
 import pytest
 import torch
+from training import train_digits_mlp
 
-from helpers.runners import ROOT
 from helpers.serving import Server
-from kiln.config import load_config
 from kiln.deploy.serve import RequestError, load_backend, parse_inputs
-from kiln.train.trainer import Trainer
 from kiln.train.weights import load_model
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("serve")
-    overrides = [f"out_dir={tmp}", "train.epochs=1", "log.tensorboard=false", "log.progress=false"]
-    cfg = load_config(ROOT / "configs/digits_mlp.yaml", overrides)
-    return Path(Trainer(cfg, verbose=False).fit().run_dir)
+    return train_digits_mlp(tmp)
 
 
 @pytest.fixture(scope="module", params=["loop", "thread"])

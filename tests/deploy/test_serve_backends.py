@@ -8,29 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from runners import ROOT, run_kiln
+from runners import run_kiln
 from serving import Server
+from training import train_digits_mlp
 
 from kiln.algorithms.ensemble import load_ensemble
 from kiln.algorithms.tta import TTA
-from kiln.config import load_config
 from kiln.deploy.serve import load_backend
-from kiln.train.trainer import Trainer
 from kiln.train.weights import load_model
 
 
 def _train(tmp: Path, seed: int) -> Path:
-    overrides = [
-        f"out_dir={tmp}",
-        f"name=s{seed}",
-        f"seed={seed}",
-        "data.split_seed=0",
-        "train.epochs=1",
-        "log.tensorboard=false",
-        "log.progress=false",
-    ]
-    cfg = load_config(ROOT / "configs/digits_mlp.yaml", overrides)
-    return Path(Trainer(cfg, verbose=False).fit().run_dir)
+    return train_digits_mlp(tmp, f"name=s{seed}", f"seed={seed}", "data.split_seed=0")
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 import torch
-from runners import ROOT, run_kiln
+from runners import run_kiln
+from training import train_digits_mlp
 
-from kiln.config import load_config
 from kiln.deploy.serve_inputs import format_outputs
 from kiln.deploy.torchserve import (
     TorchServeResult,
@@ -26,7 +26,6 @@ from kiln.deploy.torchserve import (
 )
 from kiln.deploy.torchserve_run import launch_torchserve
 from kiln.train.build import read_data_info
-from kiln.train.trainer import Trainer
 from kiln.train.weights import load_model
 
 TOL = 1e-5
@@ -36,16 +35,7 @@ TOL = 1e-5
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny digits MLP, one epoch."""
     out = tmp_path_factory.mktemp("ts-run")
-    overrides = [
-        f"out_dir={out}",
-        "name=tiny",
-        "train.epochs=1",
-        "model.kwargs.hidden=[32]",
-        "log.tensorboard=false",
-        "log.progress=false",
-    ]
-    cfg = load_config(ROOT / "configs/digits_mlp.yaml", overrides)
-    return Path(Trainer(cfg, verbose=False).fit().run_dir)
+    return train_digits_mlp(out, "name=tiny", "model.kwargs.hidden=[32]")
 
 
 @pytest.fixture(scope="module")

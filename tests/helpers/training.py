@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -19,3 +21,15 @@ def overfit_losses(
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def train_digits_mlp(out_dir: str | Path, *overrides: str) -> Path:
+    """Train ``configs/digits_mlp.yaml`` for one quiet epoch under ``out_dir``; its run folder."""
+    from runners import ROOT
+
+    from kiln.config import load_config
+    from kiln.train.trainer import Trainer
+
+    base = [f"out_dir={out_dir}", "train.epochs=1", "log.tensorboard=false", "log.progress=false"]
+    cfg = load_config(ROOT / "configs/digits_mlp.yaml", [*base, *overrides])
+    return Path(Trainer(cfg, verbose=False).fit().run_dir)
