@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test install install-dev lint format typecheck bench clean
+.PHONY: demo test mutation install install-dev lint format typecheck bench clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ demo: install
 
 test: install-dev
 	$(PY) -m pytest -q
+
+# Remove each guarded mechanism in a scratch copy and check its test fails (slow; not in CI).
+mutation: install-dev
+	$(PY) mutations/run.py
 
 lint: install-dev
 	$(VENV)/bin/ruff check src tests benchmarks examples

@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from kiln.config_base import _Strict, suggest
+from kiln.errors import KilnError
 from kiln.config_data import DataConfig, SyntheticConfig, TextConfig
 from kiln.config_techniques import (
     EarlyStopConfig,
@@ -58,7 +59,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(KilnError, ValueError):
     """A config value or key is wrong; the message says which, why and how to fix it."""
 
 

@@ -31,10 +31,12 @@ from typing import Any
 
 import torch
 
+from kiln.errors import KilnError
+
 CKPT_SUFFIX = ".ckpt"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(KilnError, RuntimeError):
     """A checkpoint is missing, corrupt or unsafe; the message says which and what to do."""
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from kiln.errors import KilnError
 from kiln.algorithms.nonfinite import first_nonfinite_module, nonfinite_grads
 from kiln.train import snapshots
 from kiln.train.schedules import scale_lrs
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["NonFiniteError", "describe_nonfinite", "handle_nonfinite"]
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(KilnError, RuntimeError):
     """Training met a NaN/Inf loss or gradient and ``train.nonfinite`` said to stop."""
 
 
