@@ -29,6 +29,7 @@ from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 from kiln.config import suggest
+from kiln.trust.targets import check_model_target
 
 if TYPE_CHECKING:
     from torch import nn
@@ -203,10 +204,11 @@ def _resolve_builtin(name: str) -> Callable[..., Any]:
 def build_model(cfg: ModelConfig, info: DataInfo) -> nn.Module:
     """Build the network a config asks for, sized by the data.
 
-    With ``cfg.target`` set, the user's class (or factory) is called with ``cfg.kwargs`` plus
-    every :func:`data_kwargs` entry whose name is a parameter of its signature and that the user
-    did not give (the user's value wins). Otherwise ``cfg.name`` is looked up in :data:`MODELS`
-    and its builder is called as ``build_x(info, **cfg.kwargs)``.
+    With ``cfg.target`` set, the user's class (or factory) is checked (an ``nn.Module`` subclass
+    or a Python function outside the standard library, see :mod:`kiln.trust`) and called with
+    ``cfg.kwargs`` plus every :func:`data_kwargs` entry whose name is a parameter of its
+    signature and that the user did not give (the user's value wins). Otherwise ``cfg.name`` is
+    looked up in :data:`MODELS` and its builder is called as ``build_x(info, **cfg.kwargs)``.
 
     Args:
         cfg: ``name``, optional ``target`` and ``kwargs`` of the model.
@@ -221,6 +223,8 @@ def build_model(cfg: ModelConfig, info: DataInfo) -> nn.Module:
         TypeError: the constructor rejected an argument's type, or the target did not return an
             ``nn.Module``.
         ImportError: ``cfg.target`` cannot be imported.
+        kiln.errors.ModelError: ``cfg.target`` is not an ``nn.Module`` subclass or a model
+            factory (refused before it is called).
 
     Example:
         >>> from kiln.config import ModelConfig
@@ -240,6 +244,7 @@ def build_model(cfg: ModelConfig, info: DataInfo) -> nn.Module:
                 f"model.target {owner!r} is of type {type(fn).__name__!r}, not a class or function;"
                 " point it at an nn.Module subclass or a function that returns one"
             )
+        check_model_target(fn, owner)  # before any call: os:system is refused uncalled
         check_kwargs(fn, cfg.kwargs, owner)
         params = _parameters(fn) or {}
         injected = {k: v for k, v in data_kwargs(info).items() if k in params}
