@@ -12,8 +12,13 @@ HELPERS = ROOT / "tests" / "helpers"
 
 
 def kiln_env(**extra: str) -> dict[str, str]:
-    """The environment for a CLI subprocess: the test helpers importable (user models)."""
-    return {**os.environ, "PYTHONPATH": str(HELPERS), "OMP_NUM_THREADS": "1", **extra}
+    """The environment for a CLI subprocess: the test helpers importable (user models).
+
+    An existing ``PYTHONPATH`` is kept after the helpers, so a scratch copy of ``src`` put first
+    by ``make mutation`` is the Kiln the subprocess imports.
+    """
+    path = os.pathsep.join(p for p in (str(HELPERS), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
 
 
 def run_kiln(

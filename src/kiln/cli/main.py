@@ -128,8 +128,15 @@ def consolidate(
         from kiln.train.checkpoint import resolve_checkpoint
         from kiln.train.weights import consolidate_checkpoint
 
+        from kiln.errors import UsageError
+
         path = resolve_checkpoint(checkpoint)
         target = Path(out) if out else path.with_suffix(".safetensors")
+        if not target.parent.is_dir():
+            raise UsageError(
+                f"--out {target}: folder {target.parent} does not exist; create it or choose "
+                "another --out"
+            )
         weights = consolidate_checkpoint(path, out=target)
         print(f"{len(weights)} tensors from {path} -> {target}")
 
