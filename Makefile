@@ -36,8 +36,8 @@ mutation: install-dev
 	$(PY) mutations/run.py
 
 lint: install-dev
-	$(VENV)/bin/ruff check src tests benchmarks examples
-	$(VENV)/bin/ruff format --check src tests benchmarks examples
+	$(VENV)/bin/ruff check src tests benchmarks examples mutations
+	$(VENV)/bin/ruff format --check src tests benchmarks examples mutations
 	$(VENV)/bin/mypy
 
 format: install-dev

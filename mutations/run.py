@@ -32,9 +32,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 COPIED = ["src", "tests", "configs", "data", "examples", "benchmarks", "pyproject.toml"]
@@ -104,9 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per test run")
     args = ap.parse_args(argv)
     muts = [
-        m
-        for m in load()
-        if args.k.lower() in f"{m.mechanism} {m.test} {m.file} {m.source}".lower()
+        m for m in load() if args.k.lower() in f"{m.mechanism} {m.test} {m.file} {m.source}".lower()
     ]
     if args.list:
         for m in muts:

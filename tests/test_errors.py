@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,7 +63,7 @@ def test_value_error_from_inside_torch_is_a_bug(capsys):
 
 
 def test_value_error_from_numpy_is_a_bug(capsys):
-    code, err = _exit(lambda: np.zeros(3).reshape(2, 2), capsys)
+    code, _ = _exit(lambda: np.zeros(3).reshape(2, 2), capsys)
     assert code == 1
 
 
@@ -83,7 +84,7 @@ def test_disk_full_says_so_and_that_earlier_files_are_intact():
 
 
 def test_named_missing_file_is_the_users(capsys):
-    code, err = _exit(lambda: open("/definitely/not/here.yaml"), capsys)
+    code, err = _exit(lambda: Path("/definitely/not/here.yaml").read_text(), capsys)
     assert code == EXIT_USAGE
     assert err.strip() == "error: No such file or directory: /definitely/not/here.yaml"
 
