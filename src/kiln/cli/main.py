@@ -125,10 +125,9 @@ def consolidate(
     def go() -> None:
         from pathlib import Path
 
+        from kiln.errors import UsageError
         from kiln.train.checkpoint import resolve_checkpoint
         from kiln.train.weights import consolidate_checkpoint
-
-        from kiln.errors import UsageError
 
         path = resolve_checkpoint(checkpoint)
         target = Path(out) if out else path.with_suffix(".safetensors")
