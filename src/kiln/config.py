@@ -21,9 +21,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from kiln import config_yaml
 from kiln.config_base import _Strict, suggest
-from kiln.errors import KilnError
-from kiln.config_data import DataConfig, SyntheticConfig, TextConfig
+from kiln.config_data import INT32_MAX, MAX_SEED, DataConfig, SyntheticConfig, TextConfig
 from kiln.config_techniques import (
     EarlyStopConfig,
     EMAConfig,
@@ -32,6 +32,7 @@ from kiln.config_techniques import (
     MixConfig,
     SWAConfig,
 )
+from kiln.errors import KilnError, short_repr
 
 __all__ = [
     "CheckpointConfig",
@@ -159,15 +160,15 @@ class SchedulerConfig(_Strict):
         "onecycle",
         "plateau",
     ] = "none"
-    step_size: int = Field(10, ge=1)
+    step_size: int = Field(10, ge=1, le=INT32_MAX)
     milestones: list[int] = Field(default_factory=lambda: [30, 60])
     gamma: float = Field(0.1, gt=0.0)
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=INT32_MAX)
     warmup_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     min_lr: float = Field(0.0, ge=0.0)
     max_lr: float | None = Field(None, gt=0.0)
     pct_start: float = Field(0.3, gt=0.0, lt=1.0)
-    patience: int = Field(5, ge=0)
+    patience: int = Field(5, ge=0, le=INT32_MAX)
     factor: float = Field(0.1, gt=0.0, lt=1.0)
 
 
@@ -196,16 +197,18 @@ class LossConfig(_Strict):
 class TrainConfig(_Strict):
     """The loop: length, accumulation, clipping, logging cadence."""
 
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=1, le=1_000_000)
     max_steps: int | None = Field(
-        None, ge=1, description="train exactly this many updates (overrides epochs)"
+        None, ge=1, le=INT32_MAX, description="train exactly this many updates (overrides epochs)"
     )
-    accumulate: int = Field(1, ge=1, description="micro-batches per optimizer update")
+    accumulate: int = Field(1, ge=1, le=65536, description="micro-batches per optimizer update")
     clip_norm: float | None = Field(None, gt=0.0)
     clip_value: float | None = Field(None, gt=0.0)
-    log_every: int = Field(50, ge=1, description="updates between logged train metrics")
-    val_every: int = Field(1, ge=1, description="epochs between validations")
-    top_k: int = Field(5, ge=1, description="k for the top-k accuracy metric")
+    log_every: int = Field(
+        50, ge=1, le=INT32_MAX, description="updates between logged train metrics"
+    )
+    val_every: int = Field(1, ge=1, le=INT32_MAX, description="epochs between validations")
+    top_k: int = Field(5, ge=1, le=100_000, description="k for the top-k accuracy metric")
     activation_checkpointing: bool | list[str] = Field(
         False,
         description="recompute activations in backward: true = the model's blocks, "
@@ -222,16 +225,16 @@ class TrainConfig(_Strict):
         "update, rollback (reload the last checkpoint, lower the LR), or ignore",
     )
     rollback_lr_factor: float = Field(0.5, gt=0.0, lt=1.0)
-    max_rollbacks: int = Field(3, ge=1)
+    max_rollbacks: int = Field(3, ge=1, le=1000)
 
 
 class CheckpointConfig(_Strict):
     """When to save full-state checkpoints and which to keep."""
 
-    every_n_steps: int | None = Field(None, ge=1)
+    every_n_steps: int | None = Field(None, ge=1, le=INT32_MAX)
     every_epoch: bool = True
-    keep_last: int = Field(2, ge=1)
-    keep_best: int = Field(1, ge=0)
+    keep_last: int = Field(2, ge=1, le=10_000)
+    keep_best: int = Field(1, ge=0, le=10_000)
     monitor: str = "val/loss"
     mode: Literal["auto", "min", "max"] = "auto"
 
@@ -248,7 +251,7 @@ class Config(_Strict):
 
     name: str = "run"
     out_dir: str = "runs"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seeds python, numpy and torch")
     deterministic: bool = False
     device: str = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -279,6 +282,26 @@ class Config(_Strict):
     meta: MetaConfig = MetaConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _run_name(cls, v: str) -> str:
+        # The run folder is out_dir/name: a name must be one folder, never a path out of out_dir.
+        bad = next((c for c in ("/", "\\", "\x00") if c in v), None)
+        if not v.strip() or v in (".", "..") or bad is not None or len(v.encode()) > 200:
+            why = f"contains {bad!r}" if bad else "must be a non-empty folder name"
+            raise ValueError(
+                f"the run name {why}; use one folder name such as name=digits_bf16 "
+                "(put parent folders in out_dir)"
+            )
+        return v
+
+    @field_validator("out_dir")
+    @classmethod
+    def _out_dir(cls, v: str) -> str:
+        if not v.strip() or "\x00" in v:
+            raise ValueError("out_dir must name a folder, e.g. out_dir=runs (use . for here)")
+        return v
 
     @field_validator("device")
     @classmethod
@@ -322,17 +345,22 @@ def _allowed(model: type[BaseModel], path: tuple[str | int, ...]) -> str:
     return ""
 
 
+#: Problems listed in one error message; the rest are counted.
+_MAX_SHOWN = 10
+
+
 def _format_error(exc: ValidationError, root: type[BaseModel] = Config) -> str:
     lines = []
-    for err in exc.errors():
+    errors = exc.errors()
+    for err in errors[:_MAX_SHOWN]:
         loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
         path = ".".join(str(p) for p in loc) or "<root>"
         if err["type"] == "extra_forbidden":
             parent, key = loc[:-1], str(loc[-1])
             names = _field_names(root, parent)
             full = [".".join([*map(str, parent), n]) for n in names]
-            hint = suggest(key, names)
-            msg = f"unknown key {path!r}"
+            hint = suggest(key[:200], names)
+            msg = f"unknown key {short_repr(path)}"
             if hint:
                 msg += f"; did you mean {'.'.join([*map(str, parent), hint])!r}?"
             elif full:
@@ -340,16 +368,20 @@ def _format_error(exc: ValidationError, root: type[BaseModel] = Config) -> str:
             lines.append(msg)
             continue
         value = err.get("input")
-        shown = repr(value) if not isinstance(value, dict) else "{...}"
+        # short_repr: the value may be huge (a long list, a shared alias) - never repr it whole.
+        shown = short_repr(value) if not isinstance(value, dict) else "{...}"
         why = err["msg"].removeprefix("Value error, ")
         allowed = _allowed(root, loc)
         text = f"{path}: {why} (got {shown})"
         if allowed and allowed not in text:
             text += f"; {allowed}"
-            hint = suggest(str(value), [a.strip() for a in allowed[9:].split(",")])
+            word = value if isinstance(value, str) else short_repr(value)
+            hint = suggest(word[:200], [a.strip() for a in allowed[9:].split(",")])
             if hint:
                 text += f"; did you mean {hint!r}?"
         lines.append(text)
+    if len(errors) > _MAX_SHOWN:
+        lines.append(f"... and {len(errors) - _MAX_SHOWN} more problems")
     return (
         "invalid config: " + "; ".join(lines)
         if len(lines) == 1
@@ -357,12 +389,22 @@ def _format_error(exc: ValidationError, root: type[BaseModel] = Config) -> str:
     )
 
 
-def _parse_value(text: str) -> Any:
-    """Coerce an override's text with YAML rules: 3 -> int, 1e-3 -> float, true -> bool, [1,2]."""
+def _parse_value(text: str, key: str) -> Any:
+    """Coerce an override's text with YAML rules: 3 -> int, 1e-3 -> float, true -> bool, [1,2].
+
+    Parsed with the config file's limits (size, values through aliases, depth): a command line is
+    user input too.
+    """
+    if text == "":
+        return ""
     try:
-        return yaml.safe_load(text) if text != "" else ""
+        return config_yaml.load_text(text, f"override {key}")
+    except config_yaml.YamlLimitError as exc:
+        raise ConfigError(f"override {key}= value {exc}") from None
     except yaml.YAMLError:
         return text
+    except ValueError as exc:  # an integer of more than 4300 digits
+        raise ConfigError(f"override {key}= value: {short_repr(str(exc), 120)}") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -375,12 +417,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     for item in overrides:
         if "=" not in item:
             raise ConfigError(
-                f"override {item!r} is not of the form key=value (e.g. optim.lr=0.01)"
+                f"override {short_repr(item)} is not of the form key=value (e.g. optim.lr=0.01)"
             )
         key, text = item.split("=", 1)
         parts = key.strip().split(".")
         if not all(parts):
-            raise ConfigError(f"override key {key!r} has an empty part")
+            raise ConfigError(f"override key {short_repr(key)} has an empty part")
+        if len(parts) > config_yaml.MAX_DEPTH:
+            raise ConfigError(
+                f"override key {short_repr(key)} is nested deeper than {config_yaml.MAX_DEPTH}"
+            )
         node = out
         for p in parts[:-1]:
             child = node.get(p)
@@ -388,7 +434,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 child = {}
                 node[p] = child
             node = child
-        node[parts[-1]] = _parse_value(text)
+        node[parts[-1]] = _parse_value(text, key.strip())
     return out
 
 
@@ -397,21 +443,34 @@ def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, turning every failure into one clear ConfigError."""
+    """Read a YAML mapping within the limits of :mod:`kiln.config_yaml`.
+
+    Every failure (missing, not a regular file, too large, not UTF-8, bad YAML, too many or too
+    deep values, empty) is one clear ConfigError that names the file.
+    """
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"config file not found: {p}")
     if p.is_dir():
         raise ConfigError(f"config path is a directory, expected a YAML file: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = config_yaml.load_text(config_yaml.read_file(p), str(p))
+    except config_yaml.YamlLimitError as exc:
+        raise ConfigError(f"config file {p} {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"bad YAML in {p}{where}: {problem}") from None
+    except ValueError as exc:  # a scalar YAML accepts but Python cannot build (a huge integer)
+        raise ConfigError(f"bad value in {p}: {short_repr(str(exc), 120)}") from None
     if data is None:
-        return {}
+        raise ConfigError(
+            f"config file {p} is empty (or only comments); write the settings to change, or "
+            "leave the file out to train the default job"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"{p} must hold a mapping of keys, got {type(data).__name__}")
     return data

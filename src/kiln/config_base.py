@@ -1,16 +1,75 @@
-"""Base pydantic model of every Kiln config section and the did-you-mean helper (no torch)."""
+"""Base pydantic model of every Kiln config section and the did-you-mean helper (no torch).
+
+Every section derives from :class:`_Strict`: unknown keys are refused, and every number in it
+(fields, and numbers inside lists and dicts such as ``model.kwargs``) must be finite and fit in
+a signed 64-bit integer. A config value ends up in tensors, seeds and array sizes, where
+``.inf``, ``nan`` or ``2**70`` would fail late and far from the key that caused it.
+"""
 
 from __future__ import annotations
 
 import difflib
+import math
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
-__all__ = ["_Strict", "suggest"]
+__all__ = ["INT64_MAX", "_Strict", "check_numbers", "suggest"]
+
+INT64_MAX = 2**63 - 1
+
+
+def check_numbers(value: Any) -> None:
+    """Raise ValueError when ``value`` holds a non-finite float or an int outside int64.
+
+    Walks lists, tuples and dicts without recursion (their depth is bounded by the YAML
+    reader, but a Python caller may pass anything).
+
+    Example:
+        >>> check_numbers({"width": [1, 2.5]})
+        >>> check_numbers([float("inf")])
+        Traceback (most recent call last):
+        ...
+        ValueError: inf is not a finite number; use a finite value
+    """
+    stack = [value]
+    seen = 0
+    while stack:
+        v = stack.pop()
+        seen += 1
+        if seen > 1_000_000:  # a Python caller's huge or cyclic container: stop checking
+            raise ValueError("holds more than a million values")
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, int):
+            if not -INT64_MAX - 1 <= v <= INT64_MAX:
+                shown = str(v) if v.bit_length() < 200 else f"an integer of {v.bit_length()} bits"
+                raise ValueError(f"{shown} does not fit in a 64-bit integer")
+        elif isinstance(v, float):
+            if not math.isfinite(v):
+                raise ValueError(f"{v} is not a finite number; use a finite value")
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # allow_inf_nan=False: float fields refuse inf/nan, also given as text (".inf", "nan").
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False
+    )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _finite_int64(cls, v: Any, info: ValidationInfo) -> Any:
+        # "before": a float field must not silently turn 2**70 into 1.18e21.
+        annotation = cls.model_fields[info.field_name].annotation if info.field_name else None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return v  # a section checks its own fields, so the message names the exact key
+        check_numbers(v)
+        return v
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:

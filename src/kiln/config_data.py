@@ -11,25 +11,37 @@ from pydantic import Field, field_validator, model_validator
 
 from kiln.config_base import _did_you_mean, _Strict
 
-__all__ = ["DataConfig", "SyntheticConfig", "TextConfig"]
+__all__ = ["INT32_MAX", "MAX_BATCH", "MAX_SEED", "DataConfig", "SyntheticConfig", "TextConfig"]
+
+# Upper bounds of sizes that become allocations or processes: a typo (an extra zero, 1e23) is
+# refused with the key instead of exhausting the machine. Each is far above any real use.
+INT32_MAX = 2**31 - 1
+#: Examples in one batch (16.7M).
+MAX_BATCH = 2**24
+#: Tokens in one sequence.
+MAX_LENGTH = 1 << 20
+#: Seeds go to numpy and scikit-learn, which take 0 <= seed < 2**32.
+MAX_SEED = 2**32 - 1
 
 
 class SyntheticConfig(_Strict):
     """Generated data (``data.name=synthetic``), made with scikit-learn's generators."""
 
     task: Literal["classification", "regression"] = "classification"
-    n_samples: int = Field(1000, ge=10)
-    n_features: int = Field(20, ge=1)
-    n_classes: int = Field(2, ge=2)
-    n_informative: int = Field(10, ge=1)
+    n_samples: int = Field(1000, ge=10, le=10_000_000)
+    n_features: int = Field(20, ge=1, le=100_000)
+    n_classes: int = Field(2, ge=2, le=100_000)
+    n_informative: int = Field(10, ge=1, le=100_000)
     noise: float = Field(0.1, ge=0.0)
 
 
 class TextConfig(_Strict):
     """Character-level language-model data (``data.name=text``, ``data.path=corpus.txt``)."""
 
-    block_size: int = Field(64, ge=2)
-    stride: int | None = Field(None, ge=1, description="window step; default = block_size")
+    block_size: int = Field(64, ge=2, le=MAX_LENGTH)
+    stride: int | None = Field(
+        None, ge=1, le=MAX_LENGTH, description="window step; default = block_size"
+    )
 
 
 class DataConfig(_Strict):
@@ -48,14 +60,16 @@ class DataConfig(_Strict):
     layout: Literal["auto", "flat", "image"] = Field(
         "auto", description="digits: flat 8x8=64 features (MLP) or 1x32x32 images (CNN)"
     )
-    image_size: int = Field(32, ge=4)
+    image_size: int = Field(32, ge=4, le=4096)
     standardize: bool = True
-    batch_size: int = Field(64, ge=1)
-    eval_batch_size: int | None = Field(None, ge=1)
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
+    eval_batch_size: int | None = Field(None, ge=1, le=MAX_BATCH)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     split_seed: int | None = Field(
         None,
+        ge=0,
+        le=MAX_SEED,
         description="seed of the train/val/test split (default: the run's seed); fix it to "
         "train a seed ensemble whose members hold out the same examples",
     )
@@ -63,16 +77,21 @@ class DataConfig(_Strict):
         None, description="keep only these classes, renumbered 0..k-1 in this order"
     )
     train_per_class: int | None = Field(
-        None, ge=1, description="keep this many labelled training examples per class (seeded)"
+        None,
+        ge=1,
+        le=INT32_MAX,
+        description="keep this many labelled training examples per class (seeded)",
     )
-    max_tokens: int = Field(32, ge=2, description="topics: tokens per text, special ones included")
+    max_tokens: int = Field(
+        32, ge=2, le=MAX_LENGTH, description="topics: tokens per text, special ones included"
+    )
     tokenizer: str | None = Field(
         None, description="topics: a model folder whose tokenizer.json is used (default MiniLM)"
     )
     parity_noise: float = Field(
         0.0, ge=0.0, le=0.5, description="digits_multitask: fraction of train parity labels flipped"
     )
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, le=256, description="loader worker processes")
     persistent_workers: bool = False
     pin_memory: Literal["auto"] | bool = "auto"
     drop_last: bool = False

@@ -101,11 +101,13 @@ class MetaConfig(_Strict):
         "maml", description="maml: second-order meta-gradient; fomaml: first-order approximation"
     )
     task: Literal["sine"] = "sine"
-    shots: int = Field(10, ge=1, description="support examples per task (K)")
-    query: int = Field(10, ge=1, description="query examples per task")
-    inner_steps: int = Field(1, ge=1)
+    shots: int = Field(10, ge=1, le=100_000, description="support examples per task (K)")
+    query: int = Field(10, ge=1, le=100_000, description="query examples per task")
+    inner_steps: int = Field(1, ge=1, le=10_000)
     inner_lr: float = Field(0.01, gt=0.0)
-    meta_batch: int = Field(25, ge=1, description="tasks per meta-update")
-    meta_steps: int = Field(10000, ge=1, description="meta-updates")
-    eval_tasks: int = Field(600, ge=1, description="held-out tasks for the final report")
+    meta_batch: int = Field(25, ge=1, le=100_000, description="tasks per meta-update")
+    meta_steps: int = Field(10000, ge=1, le=2**31 - 1, description="meta-updates")
+    eval_tasks: int = Field(
+        600, ge=1, le=1_000_000, description="held-out tasks for the final report"
+    )
     eval_inner_steps: list[int] = Field(default_factory=lambda: [1, 10])
