@@ -17,7 +17,7 @@ def run_train(args: list[str], *, print_config: bool = False) -> None:
     from kiln.config import dump_config, load_config
 
     path, overrides = split_args(args)
-    cfg = load_config(Path(path) if path else None, overrides)
+    cfg = load_config(Path(path) if path else _resumed_config(overrides), overrides)
     if print_config:
         print(dump_config(cfg), end="")
         return
@@ -37,3 +37,15 @@ def run_train(args: list[str], *, print_config: bool = False) -> None:
     if shown:
         print(f"test metrics: {shown}")
     print(f"run directory: {result.run_dir}")
+
+
+def _resumed_config(overrides: list[str]) -> Path | None:
+    """``kiln train resume=RUN ...`` without a config file continues with the run's own config."""
+    resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
+    if not resume:
+        return None
+    from kiln.train.resume_policy import run_dir_of
+
+    _, run_dir = run_dir_of(resume)
+    found = run_dir / "config.yaml" if run_dir is not None else None
+    return found if found is not None and found.is_file() else None

@@ -61,6 +61,7 @@ def build_data_for(cfg: Config) -> DataBundle:
 def build_model_for(cfg: Config, info: DataInfo) -> nn.Module:
     """The model a config describes, sized from the data."""
     from kiln.registry import build_model
+    from kiln.train.model_memory import check_model_fits
 
     model_cfg = cfg.model
     if model_cfg.drop_path > 0:
@@ -70,6 +71,7 @@ def build_model_for(cfg: Config, info: DataInfo) -> nn.Module:
             )
         kwargs = {**model_cfg.kwargs, "drop_path": model_cfg.drop_path}
         model_cfg = model_cfg.model_copy(update={"kwargs": kwargs})
+    check_model_fits(model_cfg, info)  # shapes on the meta device, before any allocation
     model = build_model(model_cfg, info)
     if model_cfg.init != "default" or model_cfg.zero_init_last:
         from kiln.models.init import init_weights
