@@ -17,6 +17,7 @@ from kiln.data.base import DataBundle
 from kiln.train import build
 from kiln.train.checkpoint import load_checkpoint, resolve_checkpoint
 from kiln.train.guard import NonFiniteError
+from kiln.train.microbatch import is_out_of_memory
 from kiln.train.reproducibility import seed_everything
 from kiln.train.trainer import Trainer
 
@@ -302,16 +303,30 @@ def test_nonfinite_rollback_gives_up_after_max_rollbacks(make_cfg) -> None:
 
 
 class OOMAbove:
-    """Raises the allocator's out-of-memory error for batches above ``limit``."""
+    """Makes the CPU allocator fail at the head for batches above ``limit``.
+
+    The failure comes after the dropout layers have drawn their masks, so a replay that did not
+    restore the RNG would train on other masks; the error is the one torch itself raises (a
+    ``RuntimeError`` from the CPU allocator, not ``torch.OutOfMemoryError``).
+    """
 
     def __init__(self, model: nn.Module, limit: int) -> None:
         self.limit, self.raised = limit, 0
-        model.register_forward_pre_hook(self._hook)
+        model.fc.register_forward_pre_hook(self._hook)
 
     def _hook(self, module: nn.Module, args: tuple) -> None:
         if module.training and len(args[0]) > self.limit:
             self.raised += 1
-            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+            torch.empty(2**62, dtype=torch.uint8)  # 4 EiB: the allocator refuses
+
+
+def test_cpu_allocator_failure_is_recognised_as_out_of_memory() -> None:
+    with pytest.raises(RuntimeError) as info:
+        torch.empty(2**62, dtype=torch.uint8)
+    assert type(info.value) is RuntimeError  # not torch.OutOfMemoryError on CPU
+    assert is_out_of_memory(info.value)
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
 
 
 def test_auto_microbatch_halves_and_matches_a_small_batch_run(make_cfg) -> None:
@@ -337,7 +352,7 @@ def test_auto_microbatch_off_lets_oom_through(make_cfg) -> None:
     cfg = make_cfg("data.batch_size=64")
     data, model = _data_and_model(cfg)
     OOMAbove(model, 32)
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
         Trainer(cfg, model=model, data=data, verbose=False).fit()
 
 

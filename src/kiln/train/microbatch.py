@@ -1,6 +1,17 @@
 """Auto-microbatching: on out-of-memory, halve the micro-batch and replay the group.
 
 Called by the Trainer (``train.auto_microbatch``) with itself as the first argument.
+:func:`is_out_of_memory` tells an allocator failure from other errors on every device: CUDA
+raises ``torch.OutOfMemoryError``, but the CPU allocator raises a plain ``RuntimeError``
+("DefaultCPUAllocator: can't allocate memory: ...").
+
+Example:
+    >>> import torch
+    >>> try:
+    ...     torch.empty(2**62, dtype=torch.uint8)  # 4 EiB: no machine has it
+    ... except RuntimeError as exc:
+    ...     is_out_of_memory(exc)
+    True
 """
 
 from __future__ import annotations
@@ -13,7 +24,24 @@ import torch
 if TYPE_CHECKING:
     from kiln.train.trainer import Trainer
 
-__all__ = ["forward_backward_or_shrink"]
+__all__ = ["forward_backward_or_shrink", "is_out_of_memory"]
+
+# What the allocators say when they fail: CUDA/MPS/XPU ("... out of memory ..."), the CPU
+# allocator ("DefaultCPUAllocator: can't allocate memory: ... Error code 12 (Cannot allocate
+# memory)"), and the OS's ENOMEM text.
+_OOM_TEXTS = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocator's out-of-memory failure (on any device).
+
+    Example:
+        >>> is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+        False
+    """
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(t in str(exc).lower() for t in _OOM_TEXTS)
 
 
 def _rng_snapshot() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
@@ -43,8 +71,9 @@ def forward_backward_or_shrink(
     self._group.append((i, x, y))
     try:
         return self._forward_backward(i, x, y, losses)
-    except torch.OutOfMemoryError:
-        pass
+    except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError too
+        if not is_out_of_memory(exc):
+            raise
     while True:
         self.optimizer.zero_grad(set_to_none=True)
         del losses[self._group_losses :]
@@ -71,5 +100,6 @@ def forward_backward_or_shrink(
             for ii, xx, yy in self._group:
                 update = self._forward_backward(ii, xx, yy, losses)
             return update
-        except torch.OutOfMemoryError:
-            continue
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise

@@ -52,9 +52,9 @@ class BatchFindResult:
 
 
 def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    from kiln.train.microbatch import is_out_of_memory  # one rule for every OOM check
+
+    return is_out_of_memory(exc)
 
 
 def _resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
