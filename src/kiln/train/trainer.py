@@ -49,7 +49,7 @@ from kiln.algorithms.early_stopping import EarlyStopping
 from kiln.config import Config
 from kiln.data.base import DataBundle
 from kiln.data.loader import batch_sizes, start_epoch
-from kiln.train import build, distributed, snapshots
+from kiln.train import build, distributed, resume_policy, snapshots
 from kiln.train.callbacks import Callbacks
 from kiln.train.checkpoint import CheckpointManager, resolve_checkpoint
 from kiln.train.evaluation import evaluate, group_totals, monitor_mode
@@ -124,6 +124,8 @@ class Trainer:
                 "meta.enabled=true runs the meta-learning loop, not the Trainer: use "
                 "`kiln train CONFIG` or kiln.meta.runner.run_meta(cfg)"
             )
+        # Before any work: a resume that would change what the run trains is refused.
+        self._resume_plan = resume_policy.check(cfg)
         seed_everything(cfg.seed)
         set_deterministic(cfg.deterministic)
         self.data = data if data is not None else build.build_data_for(cfg)
@@ -224,7 +226,8 @@ class Trainer:
             snapshots.restore(self, resume)
         if self.is_zero:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            build.write_run_files(self.run_dir, cfg, info)
+            if not resume_policy.record(self.run_dir, self._resume_plan, self.step):
+                build.write_run_files(self.run_dir, cfg, info)  # a resume keeps config.yaml
             distributed.mark_elastic_run(self.run_dir)
         self.ckpts = CheckpointManager(
             self.run_dir / "checkpoints",
