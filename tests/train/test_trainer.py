@@ -268,15 +268,23 @@ def test_max_steps_beyond_epochs_runs_to_max_steps(make_cfg) -> None:
     assert trainer.fit().steps == 50
 
 
-def test_failed_resume_changes_no_file_and_says_why(make_cfg) -> None:
+def test_failed_resume_changes_no_file_and_says_why(make_cfg, tmp_path: Path) -> None:
+    import shutil
+
+    from kiln.config import ConfigError
     from kiln.train.checkpoint import CheckpointError
 
     first = Trainer(make_cfg("train.max_steps=3", "name=r"), verbose=False)
     first.fit()
     before = (first.run_dir / "config.yaml").read_text()
-    with pytest.raises(CheckpointError, match=r"different model .*shape"):
+    with pytest.raises(ConfigError, match=r"model\.kwargs\.hidden: \[32\] -> \[8\]"):
         Trainer(make_cfg("model.kwargs.hidden=[8]", f"resume={first.run_dir}"), verbose=False)
     assert (first.run_dir / "config.yaml").read_text() == before
+    # A loose checkpoint has no run config to compare with: the shape check still says why.
+    loose = tmp_path / "copy.ckpt"
+    shutil.copy(resolve_checkpoint(first.run_dir), loose)
+    with pytest.raises(CheckpointError, match=r"different model .*shape"):
+        Trainer(make_cfg("model.kwargs.hidden=[8]", f"resume={loose}"), verbose=False)
 
 
 def test_resume_from_a_loose_checkpoint_file_starts_a_new_run(make_cfg, tmp_path: Path) -> None:
