@@ -167,7 +167,10 @@ def export(
 def serve(
     targets: Annotated[
         list[str],
-        typer.Argument(help="run directory (several = one ensemble), or an exported .pt2 / .onnx"),
+        typer.Argument(
+            help="run directory (several = one ensemble), or an exported .pt2 / .onnx / "
+            "TorchScript .ts"
+        ),
     ],
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port (0 = any free port)")] = 8000,
@@ -191,6 +194,21 @@ def serve(
     batcher: Annotated[
         str, typer.Option(help="loop (batches on the event loop; default) or thread")
     ] = "loop",
+    max_body_mb: Annotated[
+        float, typer.Option(help="largest request body in MiB (413 beyond)")
+    ] = 1.0,
+    max_connections: Annotated[
+        int, typer.Option(help="open connections at most (the oldest idle one is closed)")
+    ] = 1024,
+    header_timeout_s: Annotated[
+        float, typer.Option(help="time to send a request's headers (408 after)")
+    ] = 10.0,
+    body_timeout_s: Annotated[
+        float, typer.Option(help="time to send a request's body after its headers (408 after)")
+    ] = 30.0,
+    idle_timeout_s: Annotated[
+        float, typer.Option(help="an idle keep-alive connection is closed after this")
+    ] = 30.0,
     reuse_port: Annotated[bool, typer.Option(hidden=True)] = False,
     debug: Debug = False,
 ) -> None:
@@ -213,6 +231,11 @@ def serve(
             reuse_port=reuse_port,
             threads=threads,
             batcher=batcher,
+            max_body_mb=max_body_mb,
+            max_connections=max_connections,
+            header_timeout_s=header_timeout_s,
+            body_timeout_s=body_timeout_s,
+            idle_timeout_s=idle_timeout_s,
         ),
         debug=debug,
     )

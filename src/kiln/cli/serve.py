@@ -1,13 +1,19 @@
 """``kiln serve TARGET...``: answer predictions over HTTP with dynamic batching.
 
 TARGET is a run directory (the eager model from ``model.safetensors``), several run directories
-(one mean-probability ensemble), or an exported ``.pt2`` / ``.onnx`` file. ``--tta flip,shift``
-averages test-time views and ``--compile`` compiles an eager model. The server binds, loads and
-warms the model, then prints one line with its URL (``--port 0`` picks a free port) and serves
-until SIGTERM or Ctrl-C, which stop accepting, finish every queued and in-flight request and
-exit 0. ``--workers N`` starts N server processes on one port (``SO_REUSEPORT``: the kernel
-spreads connections over them), each with its own model, batcher and metrics; this process
-supervises them and forwards the signal. See ``docs/serving.md``.
+(one mean-probability ensemble), or an exported ``.pt2`` / ``.onnx`` / TorchScript ``.ts`` file.
+``--tta flip,shift`` averages test-time views and ``--compile`` compiles an eager model. The
+server binds, loads and warms the model, then prints one line with its URL (``--port 0`` picks
+a free port) and serves until SIGTERM or Ctrl-C, which stop accepting, finish every queued and
+in-flight request and exit 0. ``--workers N`` starts N server processes on one port
+(``SO_REUSEPORT``: the kernel spreads connections over them), each with its own model, batcher
+and metrics; this process supervises them and forwards the signal. See ``docs/serving.md``.
+
+Every option is checked first (a port in 0..65535, a host that is an address or a name that
+resolves, finite positive timeouts and sizes): a bad one is one line and exit 2, before torch or
+the model is loaded. ``--max-connections``, ``--header-timeout-s``, ``--body-timeout-s``,
+``--idle-timeout-s`` and ``--max-body-mb`` bound what a client may hold
+(:class:`kiln.deploy.serve_http.Limits`).
 
 Torch is imported inside the function, so ``kiln --help`` stays fast.
 
@@ -18,7 +24,9 @@ Example:
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import math
 import os
 import re
 import signal
@@ -27,7 +35,81 @@ import sys
 import threading
 from types import FrameType
 
-__all__ = ["run_serve"]
+from kiln.errors import PortError, UsageError
+
+__all__ = ["check_host", "check_port", "run_serve"]
+
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def check_port(port: int) -> None:
+    """Refuse a TCP port outside 0..65535 (0 picks a free one).
+
+    Example:
+        >>> check_port(8000)
+    """
+    if not 0 <= port <= 65535:
+        raise PortError(f"--port {port} is not a TCP port; use 0..65535 (0 picks a free port)")
+
+
+def check_host(host: str) -> None:
+    """Refuse a host that is neither an IP address nor a name that resolves.
+
+    Example:
+        >>> check_host("127.0.0.1")
+    """
+    import socket
+
+    shown = host if len(host) <= 60 else host[:57] + "..."
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    # Dotted digits that are not an address (999.1.1.1) are a typo, not a hostname to look up.
+    if re.fullmatch(r"[0-9.]+", host) or ":" in host or not _HOSTNAME.fullmatch(host):
+        raise PortError(
+            f"--host {shown!r} is not an IP address or host name; "
+            "use e.g. 127.0.0.1, 0.0.0.0 or ::1"
+        )
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        raise PortError(
+            f"--host {shown!r} does not resolve to an address; use an IP address such as 127.0.0.1"
+        ) from None
+
+
+def _check_options(ints: dict[str, int], floats: dict[str, float], delay: float) -> None:
+    """Integers >= 1, finite floats > 0, a finite delay >= 0; one line naming the option."""
+    for name, value in ints.items():
+        if value < 1:
+            raise UsageError(f"--{name} must be >= 1, got {value}")
+    for name, number in floats.items():
+        if not (math.isfinite(number) and number > 0):
+            raise UsageError(f"--{name} must be a finite number > 0, got {number}")
+    if not (math.isfinite(delay) and delay >= 0):
+        raise UsageError(f"--max-delay-ms must be a finite number >= 0, got {delay}")
+
+
+def _raise_open_file_limit(need: int) -> None:
+    """Let the process hold ``need`` sockets: raise the soft open-file limit toward the hard one."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        soft = want
+    if soft != resource.RLIM_INFINITY and soft < need:
+        print(
+            f"warning: the open-file limit ({soft}) is below --max-connections plus the "
+            f"server's own files ({need}); lower --max-connections or raise `ulimit -n`",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _signals(stop: threading.Event) -> dict[int, object]:
@@ -52,18 +134,47 @@ def run_serve(
     reuse_port: bool = False,
     threads: int | None = None,
     batcher: str = "loop",
+    max_body_mb: float = 1.0,
+    max_connections: int = 1024,
+    header_timeout_s: float = 10.0,
+    body_timeout_s: float = 30.0,
+    idle_timeout_s: float = 30.0,
+    trust_code: bool = False,
 ) -> None:
     """Serve ``targets`` until SIGTERM/SIGINT, then drain and return.
 
+    ``trust_code`` allows a run's ``model.target`` import path and a ``.pt2`` that unpickles
+    on loading (see :mod:`kiln.trust`); without it such a target is refused before listening.
+
     Raises:
+        PortError: a port outside 0..65535 or a host that is not an address.
+        UsageError: a non-positive or non-finite count, size or timeout.
         FileNotFoundError: a target or its data description is missing.
-        ValueError: an unsupported target or task, or bad batching options.
+        ValueError: an unsupported target or task.
         RuntimeError: a worker process failed to start or died.
     """
-    if workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers}")
-    if threads is not None and threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {threads}")
+    check_port(port)
+    check_host(host)
+    counts = {"workers": workers, "max-batch": max_batch, "queue-size": queue_size}
+    counts["max-connections"] = max_connections
+    if threads is not None:
+        counts["threads"] = threads
+    _check_options(
+        counts,
+        {
+            "timeout-s": timeout_s,
+            "max-body-mb": max_body_mb,
+            "header-timeout-s": header_timeout_s,
+            "body-timeout-s": body_timeout_s,
+            "idle-timeout-s": idle_timeout_s,
+        },
+        max_delay_ms,
+    )
+    if batcher not in ("loop", "thread"):
+        raise UsageError(f"--batcher must be loop or thread, got {batcher[:40]!r}")
+    max_body = int(max_body_mb * (1 << 20))
+    if not 1 <= max_body <= 1 << 31:
+        raise UsageError(f"--max-body-mb must be between 1e-6 and 2048, got {max_body_mb}")
     if workers > 1:
         _supervise(
             targets,
@@ -79,17 +190,31 @@ def run_serve(
                 *([f"--tta={tta}"] if tta else []),
                 *(["--compile"] if compile else []),
                 f"--batcher={batcher}",
+                f"--max-body-mb={max_body_mb}",
+                f"--max-connections={max_connections}",
+                f"--header-timeout-s={header_timeout_s}",
+                f"--body-timeout-s={body_timeout_s}",
+                f"--idle-timeout-s={idle_timeout_s}",
+                *(["--trust-code"] if trust_code else []),
             ],
         )
         return
     import torch
 
-    from kiln.deploy.serve import ModelServer, load_backend
+    from kiln.deploy.serve import Limits, ModelServer, load_backend
 
+    limits = Limits(
+        max_body=max_body,
+        max_connections=max_connections,
+        header_timeout_s=header_timeout_s,
+        body_timeout_s=body_timeout_s,
+        idle_timeout_s=idle_timeout_s,
+    )
+    _raise_open_file_limit(max_connections + 64)  # 64: the model, logs, pipes, closing sockets
     if threads is not None:
         torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    backend = load_backend(targets, tta=tta, compile=compile)
+    backend = load_backend(targets, tta=tta, compile=compile, trust_code=trust_code)
     server = ModelServer(
         backend,
         host=host,
@@ -100,6 +225,7 @@ def run_serve(
         timeout_s=timeout_s,
         reuse_port=reuse_port,
         batcher=batcher,
+        limits=limits,
     )
     stop = threading.Event()
     old = _signals(stop)

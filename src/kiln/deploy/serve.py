@@ -32,17 +32,19 @@ import torch
 
 from kiln.deploy.serve_backends import Backend, load_backend
 from kiln.deploy.serve_batcher import Batcher, LoopBatcher, QueueFull
-from kiln.deploy.serve_http import HTTPFront, Request, Response, bind_socket
+from kiln.deploy.serve_http import HTTPFront, Limits, Request, Response, bind_socket
 from kiln.deploy.serve_inputs import (
-    MAX_BODY,
     RequestError,
     format_outputs,
     openapi,
     parse_inputs,
 )
+from kiln.deploy.serve_log import RateLimitedLog
 from kiln.deploy.serve_metrics import ServeMetrics
+from kiln.deploy.serve_validate import InputError, decode_json
+from kiln.errors import UsageError
 
-__all__ = ["Backend", "ModelServer", "RequestError", "load_backend", "parse_inputs"]
+__all__ = ["Backend", "Limits", "ModelServer", "RequestError", "load_backend", "parse_inputs"]
 
 log = logging.getLogger("kiln.serve")
 
@@ -59,17 +61,13 @@ _ROUTES = {
 _ERROR_KIND = {
     400: "invalid_json",
     404: "not_found",
+    408: "request_timeout",
     411: "length_required",
     413: "too_large",
     422: "validation",
     503: "overloaded",
     504: "timeout",
 }
-
-
-def _reject_constant(name: str) -> Any:
-    """``json.loads`` hook: NaN and Infinity are not JSON."""
-    raise ValueError(f"{name} is not valid JSON")
 
 
 class ModelServer:
@@ -91,6 +89,8 @@ class ModelServer:
         timeout_s: float = 10.0,
         reuse_port: bool = False,
         batcher: str = "loop",
+        limits: Limits | None = None,
+        log_interval_s: float = 10.0,
     ) -> None:
         """Bind the socket (``port=0`` picks a free one); :meth:`start` serves.
 
@@ -99,12 +99,16 @@ class ModelServer:
                 spreads new connections over them (``kiln serve --workers N``).
             batcher: ``loop`` runs batches on the event loop (fastest for small models),
                 ``thread`` on a worker thread (parsing overlaps a large model's forward pass).
+            limits: body size, connection cap and read/idle timeouts of the HTTP front end
+                (:class:`kiln.deploy.serve_http.Limits`; its defaults when None).
+            log_interval_s: repeated errors of one kind are logged once per this many seconds,
+                with the number dropped in between.
 
         Raises:
-            ValueError: a non-positive batch, queue or timeout, or a negative delay.
+            UsageError: a non-positive batch, queue or timeout, or a negative delay.
         """
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0; got {timeout_s}")
+        if not 0 < timeout_s < float("inf"):  # False for NaN too
+            raise UsageError(f"timeout_s must be a finite number > 0; got {timeout_s}")
         self.backend = backend
         self.timeout_s = timeout_s
         self.metrics = ServeMetrics()
@@ -121,18 +125,22 @@ class ModelServer:
         self.stopping = False
         self._inflight = 0
         self._inflight_cond = threading.Condition()
-        self._openapi = json.dumps(openapi(backend.info)).encode()
+        self.limits = limits or Limits()
+        self.log = RateLimitedLog(log, log_interval_s)
+        self._openapi = json.dumps(openapi(backend.info, self.limits.max_body)).encode()
         # The process id tells the workers of `kiln serve --workers N` apart.
         self._health = json.dumps({"status": "ok", "pid": os.getpid()}).encode()
         self.sock = bind_socket(host, port, reuse_port=reuse_port)
         self.front = HTTPFront(
             self._dispatch,
             self.sock,
-            max_body=MAX_BODY,
+            self.limits,
             on_rejected=self._rejected,
             after_write=self._written,
+            on_event=self.log.warning,
         )
         self.loop = asyncio.new_event_loop()
+        self.loop.set_exception_handler(self._loop_error)
         self._thread: threading.Thread | None = None
 
     @property
@@ -187,10 +195,18 @@ class ModelServer:
 
     # ------------------------------------------------------------------ requests
 
-    def _rejected(self, status: int) -> None:
-        """A request refused while parsing (oversized, chunked, malformed)."""
+    def _rejected(self, status: int, message: str) -> None:
+        """A request refused while reading (oversized, chunked, malformed, too slow, over cap)."""
         self.metrics.observe_error(_ERROR_KIND.get(status, "client"))
         self.metrics.observe_request(status, 0.0)
+        self.log.warning(str(status), f"refused a request: {status} {message}")
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """The event loop's error report (e.g. accept() out of file descriptors), rate-limited."""
+        message = str(context.get("message", "event loop error"))
+        exc = context.get("exception")
+        kind = f"loop:{message}:{type(exc).__name__}"
+        self.log.warning(kind, f"event loop: {message}", exc_info=exc)
 
     def _written(self, req: Request, resp: Response) -> None:
         """The answer is handed to the socket: the request is no longer in flight."""
@@ -224,7 +240,7 @@ class ModelServer:
         except Exception:
             status = 500
             self.metrics.observe_error("internal")
-            log.exception("request failed")
+            self.log.warning("internal", "request failed", exc_info=True)
             body = b'{"error": "internal error; see the server log"}'
             return Response(500, body, close=True)
         finally:
@@ -252,12 +268,10 @@ class ModelServer:
             raise RequestError(503, "the server is shutting down")
         if req.body is None:
             raise RequestError(411, "Content-Length is required")
-        if not req.body.strip():
-            raise RequestError(400, 'empty body; send JSON {"inputs": [...]}')
         try:
-            body = json.loads(req.body, parse_constant=_reject_constant)
-        except (ValueError, RecursionError) as exc:
-            raise RequestError(400, f"invalid JSON: {exc}") from None
+            body = decode_json(req.body)
+        except InputError as exc:
+            raise RequestError(exc.status, str(exc)) from None
         no_bools = b"true" not in req.body and b"false" not in req.body
         x, _ = parse_inputs(body, self.backend.info.input_shape, fast=no_bools)
         try:

@@ -1,8 +1,16 @@
-"""Model loading for :mod:`kiln.deploy.serve`: run directories, ``.pt2`` and ``.onnx`` files."""
+"""Model loading for :mod:`kiln.deploy.serve`: run directories, ``.pt2``, ``.onnx`` and TorchScript.
+
+A TorchScript file (``.ts``, what ``kiln export --format torchscript`` writes, or ``.pt``) is
+a zip archive of the model's TorchScript code and its tensors; ``torch.jit.load`` reads it with
+its own restricted unpickler (only torch's own classes, no arbitrary Python globals), but the
+archive *is* code: it runs the TorchScript it holds, so serve only files you trust. A ``.pt``
+that is a plain ``torch.save`` pickle (no ``code/`` folder) is refused, unread.
+"""
 
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,8 +18,12 @@ from pathlib import Path
 import torch
 
 from kiln.data.base import DataInfo
+from kiln.errors import CorruptFileError, UnsafeFileError
 
-__all__ = ["Backend", "load_backend"]
+__all__ = ["TORCHSCRIPT_SUFFIXES", "Backend", "load_backend"]
+
+TORCHSCRIPT_SUFFIXES = (".ts", ".pt")
+"""File endings served as TorchScript archives."""
 
 
 @dataclass
@@ -51,20 +63,45 @@ def _exported_info(path: Path) -> DataInfo:
     )
 
 
+def _check_torchscript(path: Path) -> None:
+    """Refuse a file that is not a TorchScript archive before torch reads it.
+
+    Raises:
+        CorruptFileError: not a zip archive.
+        UnsafeFileError: a zip without TorchScript code (a ``torch.save`` pickle).
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise CorruptFileError(
+            f"{path} is not a TorchScript archive ({exc}); export one with "
+            "`kiln export RUN --format torchscript`"
+        ) from None
+    if not any("/code/" in n for n in names):
+        raise UnsafeFileError(
+            f"{path} holds no TorchScript code: it looks like a torch.save pickle, which serve "
+            "does not load; export the run with `kiln export RUN --format torchscript`"
+        )
+
+
 def load_backend(
     target: str | Path | Sequence[str | Path],
     *,
     tta: str | None = None,
     compile: bool = False,
+    trust_code: bool = False,
 ) -> Backend:
-    """Load what ``target`` names: run directories (eager), a ``.pt2`` or an ``.onnx`` file.
+    """Load what ``target`` names: run directories (eager), a ``.pt2``, ``.onnx`` or TorchScript.
 
     Args:
         target: one run directory, several (served as one mean-probability ensemble), or one
-            exported file.
+            exported file (``.pt2``, ``.onnx``, or TorchScript ``.ts``/``.pt``).
         tta: test-time augmentation transforms for eager models (``flip,shift``; see
             :mod:`kiln.algorithms.tta`): each request is answered with the mean over the views.
         compile: ``torch.compile`` the eager model (the warm-up pays the compile time).
+        trust_code: allow a run's ``model.target`` import path, and a ``.pt2`` whose loading
+            unpickles entries (see :mod:`kiln.trust`); off, such files are refused unread.
 
     Raises:
         FileNotFoundError: the target or its data description is missing.
@@ -86,10 +123,10 @@ def load_backend(
         if len(targets) > 1:
             from kiln.algorithms.ensemble import load_ensemble
 
-            model = load_ensemble(targets)
+            model = load_ensemble(targets, trust_code=trust_code)
             kind = f"ensemble of {len(targets)}"
         else:
-            model = load_model(p)
+            model = load_model(p, trust_code=trust_code)
         if tta:
             from kiln.algorithms.tta import TTA, check_transforms, parse_transforms
 
@@ -108,7 +145,7 @@ def load_backend(
             "an ensemble is served from run directories; to serve an exported ensemble, export it "
             "first with `kiln export RUN_A RUN_B --format exported` and serve the .pt2"
         )
-    if p.is_file() and p.suffix in (".pt2", ".onnx"):
+    if p.is_file() and p.suffix in (".pt2", ".onnx", *TORCHSCRIPT_SUFFIXES):
         from kiln.deploy.export import load_exported
 
         if tta or compile:
@@ -117,13 +154,20 @@ def load_backend(
                 f"{p.name}, or export the model with its TTA"
             )
         info = _exported_info(p)
-        kind = "onnx" if p.suffix == ".onnx" else "exported"
-        predict = load_exported(p, kind)
+        if p.suffix in TORCHSCRIPT_SUFFIXES:
+            _check_torchscript(p)
+            kind = "torchscript"
+        else:
+            kind = "onnx" if p.suffix == ".onnx" else "exported"
+        predict = load_exported(p, kind, trust_code=trust_code)
     elif not p.exists():
-        raise FileNotFoundError(f"{p} does not exist; pass a run directory or a .pt2/.onnx file")
+        raise FileNotFoundError(
+            f"{p} does not exist; pass a run directory or a .pt2/.onnx/.ts file"
+        )
     else:
         raise ValueError(
-            f"cannot serve {p}: pass a run directory, an exported .pt2 file or an .onnx file"
+            f"cannot serve {p}: pass a run directory, an exported .pt2 file, an .onnx file or a "
+            "TorchScript .ts file"
         )
     if info.task not in ("classification", "regression"):
         raise ValueError(f"serving {info.task!r} models is not yet supported")

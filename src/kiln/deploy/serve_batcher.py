@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from kiln.errors import UsageError
+
 __all__ = ["Batcher", "Job", "LoopBatcher", "QueueFull", "forward_jobs"]
 
 log = logging.getLogger("kiln.serve")
@@ -65,8 +67,8 @@ class _Settings:
         queue_size: int,
         on_batch: Callable[[int], None] | None,
     ) -> None:
-        if max_batch < 1 or queue_size < 1 or max_delay_ms < 0:
-            raise ValueError(
+        if max_batch < 1 or queue_size < 1 or not 0 <= max_delay_ms < float("inf"):  # NaN too
+            raise UsageError(
                 f"max_batch and queue_size must be >= 1 and max_delay_ms >= 0; got "
                 f"{max_batch}, {queue_size}, {max_delay_ms}"
             )

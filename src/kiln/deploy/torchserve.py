@@ -10,7 +10,9 @@ against the eager model, ``manifest.json`` written), then writes next to it:
   accepts); runs every valid request's rows in one forward pass under ``torch.inference_mode()``;
   and answers each request with ``{"outputs": [...]}``, one entry per example, exactly as
   ``kiln serve`` does (:func:`kiln.deploy.serve_inputs.format_outputs`). A request with bad
-  inputs gets HTTP 422 and ``{"error": ...}`` without failing the others in its batch.
+  inputs gets the status ``kiln serve`` gives it (400 or 422) and ``{"error": ...}`` without
+  failing the others in its batch: the handler embeds the source of
+  :mod:`kiln.deploy.serve_validate`, the one set of validation rules both servers use.
 * ``model-config.yaml``: TorchServe's per-model settings (batch size, batch delay, one worker).
 * ``model-store/NAME.mar``: the archive, made by ``torch-model-archiver`` (run as
   ``python -m model_archiver.model_packaging``, its console entry point), holding the three
@@ -65,7 +67,6 @@ Answer: {{"outputs": [...]}}, one entry per example, the same as `kiln serve` re
 """
 
 import json
-import math
 import os
 
 import torch
@@ -75,47 +76,20 @@ INPUT_SHAPE = {input_shape!r}
 TASK = {task!r}
 CLASS_NAMES = {class_names!r}
 
-
-def _shape_of(value):
-    """The nested-list shape of value; ValueError when it is not a rectangle of numbers."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, list)):
-        raise ValueError(f"inputs must hold numbers only; found {{type(value).__name__}}")
-    if not isinstance(value, list):
-        if not math.isfinite(value):
-            raise ValueError("inputs must be finite numbers")
-        return ()
-    if not value:
-        return (0,)
-    inner = _shape_of(value[0])
-    for item in value[1:]:
-        if _shape_of(item) != inner:
-            raise ValueError("inputs are ragged: nested lists differ in length")
-    return (len(value), *inner)
+# ---- the validation rules of `kiln serve`, copied from kiln/deploy/serve_validate.py ----
+{validation}
+# ---- end of the copy ----
 
 
 def _parse(request):
-    """One request's (rows, *INPUT_SHAPE) float32 tensor; ValueError says what was expected."""
+    """One request's (rows, *INPUT_SHAPE) float32 tensor; InputError says what was expected."""
     body = request.get("body")
     if body is None:
         body = request.get("data")
-    if isinstance(body, (bytes, bytearray)):
-        try:
-            body = json.loads(body)
-        except ValueError as exc:
-            raise ValueError(f"invalid JSON: {{exc}}") from None
-    want = list(INPUT_SHAPE)
-    if not isinstance(body, dict) or "inputs" not in body:
-        raise ValueError(
-            f'expected a JSON object {{{{"inputs": ...}}}} with shape {{want}} or [n, *{{want}}]'
-        )
-    shape = _shape_of(body["inputs"])
-    if shape == INPUT_SHAPE:
-        return torch.tensor([body["inputs"]], dtype=torch.float32)
-    if len(shape) == len(INPUT_SHAPE) + 1 and shape[1:] == INPUT_SHAPE and shape[0] > 0:
-        return torch.tensor(body["inputs"], dtype=torch.float32)
-    raise ValueError(
-        f"inputs has shape {{list(shape)}}; expected {{want}} (one example) or [n, *{{want}}]"
-    )
+    body = decode_json(body)
+    _, single = check_inputs(body, INPUT_SHAPE)
+    x = torch.tensor(body["inputs"], dtype=torch.float32)
+    return x.unsqueeze(0) if single else x
 
 
 def _format(out):
@@ -160,10 +134,10 @@ class KilnHandler:
                 context.set_response_content_type(i, "application/json")
             try:
                 x = _parse(request)
-            except (ValueError, TypeError) as exc:
+            except InputError as exc:  # the same 400/422 as kiln serve
                 answers[i] = json.dumps({{"error": str(exc)}})
                 if context is not None:
-                    context.set_response_status(422, str(exc), i)
+                    context.set_response_status(exc.status, str(exc), i)
                 continue
             rows.append(x)
             where.append((i, len(x)))
@@ -213,6 +187,16 @@ def model_name_for(run: str | Path) -> str:
     return name or "model"
 
 
+def _validation_source() -> str:
+    """The source of :mod:`kiln.deploy.serve_validate` (stdlib only), to embed in the handler."""
+    from kiln.deploy import serve_validate
+
+    source = Path(serve_validate.__file__).read_text()
+    if re.search(r"^(import kiln|from kiln|from __future__)", source, re.MULTILINE):
+        raise AssertionError("serve_validate.py must stay stdlib-only to be embedded")
+    return source.strip()
+
+
 def handler_source(
     *, model_file: str, input_shape: Sequence[int], task: str, class_names: Sequence[str] | None
 ) -> str:
@@ -227,6 +211,7 @@ def handler_source(
     if task not in ("classification", "regression"):
         raise ValueError(f"serving {task!r} models is not yet supported")
     return _HANDLER_TEMPLATE.format(
+        validation=_validation_source(),
         model_file=model_file,
         input_shape=tuple(int(d) for d in input_shape),
         task=task,
@@ -299,6 +284,7 @@ def export_torchserve(
     max_batch_delay_ms: int = 5,
     response_timeout_s: int = 30,
     workers: int = 1,
+    trust_code: bool = False,
 ) -> TorchServeResult:
     """Export the run(s) with a parity check and pack them as a TorchServe archive.
 
@@ -312,6 +298,7 @@ def export_torchserve(
         max_batch_delay_ms: TorchServe's ``maxBatchDelay``: how long it waits for a fuller batch.
         response_timeout_s: TorchServe's ``responseTimeout`` for one batch.
         workers: TorchServe's ``minWorkers``/``maxWorkers``: Python worker processes.
+        trust_code: allow the runs' ``model.target`` import paths (see :mod:`kiln.trust`).
 
     Returns:
         A :class:`TorchServeResult`.
@@ -353,7 +340,7 @@ def export_torchserve(
         task=info.task,
         class_names=info.class_names,
     )
-    result = export_runs(runs, format="exported", fuse=fuse, out=folder)
+    result = export_runs(runs, format="exported", fuse=fuse, out=folder, trust_code=trust_code)
     handler = folder / HANDLER
     handler.write_text(source)
     config = folder / MODEL_CONFIG
