@@ -283,7 +283,11 @@ def check_same_split(runs: Sequence[str | Path]) -> None:
 
 
 def load_ensemble(
-    runs: Sequence[str | Path], *, mode: str = "mean", device: str | torch.device = "cpu"
+    runs: Sequence[str | Path],
+    *,
+    mode: str = "mean",
+    device: str | torch.device = "cpu",
+    trust_code: bool = False,
 ) -> Ensemble:
     """An ensemble of trained runs, each loaded from its ``model.safetensors``.
 
@@ -291,6 +295,7 @@ def load_ensemble(
         runs: run directories (or their ``model.safetensors`` files).
         mode: ``mean`` or ``vote`` (see :class:`Ensemble`).
         device: where to put the weights.
+        trust_code: allow the runs' ``model.target`` import paths (see :mod:`kiln.trust`).
 
     Raises:
         ValueError: the runs differ in task, classes, input shape or outputs.
@@ -306,7 +311,7 @@ def load_ensemble(
         raise ValueError("load_ensemble needs at least one run directory")
     dirs = [run_dir_of(r) for r in runs]
     info = check_compatible([str(d) for d in dirs], [_read_info(d) for d in dirs])
-    models = [load_model(d, device=device) for d in dirs]
+    models = [load_model(d, device=device, trust_code=trust_code) for d in dirs]
     return Ensemble(models, mode=mode, task=info.task)
 
 
@@ -338,12 +343,18 @@ def snapshot_paths(run: str | Path, n: int) -> list[Path]:
 
 
 def load_snapshots(
-    run: str | Path, n: int, *, mode: str = "mean", device: str | torch.device = "cpu"
+    run: str | Path,
+    n: int,
+    *,
+    mode: str = "mean",
+    device: str | torch.device = "cpu",
+    trust_code: bool = False,
 ) -> Ensemble:
     """A snapshot ensemble: the last ``n`` checkpoints of one run, as fresh models.
 
     Each checkpoint (sharded or not) is consolidated into one set of weights and loaded into a
-    model rebuilt from the run's config.
+    model rebuilt from the run's config; a ``model.target`` import path there is refused unless
+    ``trust_code`` (see :mod:`kiln.trust`).
 
     Example:
         >>> ens = load_snapshots("runs/digits", 3)   # doctest: +SKIP
@@ -351,14 +362,16 @@ def load_snapshots(
     from kiln.config import load_config
     from kiln.train.build import build_model_for
     from kiln.train.weights import consolidate_checkpoint
+    from kiln.trust import refuse_file_target
 
     run_dir = run_dir_of(run)
     paths = snapshot_paths(run_dir, n)
     cfg = load_config(run_dir / "config.yaml")
+    refuse_file_target(cfg.model.target, run_dir / "config.yaml", trust_code=trust_code)
     info = _read_info(run_dir)
     models = []
     for p in paths:
         model = build_model_for(cfg, info)
-        model.load_state_dict(consolidate_checkpoint(p))
+        model.load_state_dict(consolidate_checkpoint(p, trust_code=trust_code))
         models.append(model.to(device).eval())
     return Ensemble(models, mode=mode, task=info.task)

@@ -66,6 +66,7 @@ def run_eval(
     tta: str | None = None,
     vote: bool = False,
     snapshots: int | None = None,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """Evaluate one run, a run with TTA, an ensemble of runs, or a snapshot ensemble.
 
@@ -76,6 +77,8 @@ def run_eval(
         tta: comma-separated TTA transforms (``flip``, ``vflip``, ``shift``, ``noise``).
         vote: combine an ensemble by majority vote instead of mean probability.
         snapshots: ensemble the single run's last N checkpoints.
+        trust_code: allow a ``model.target`` import path read from the runs' files (see
+            :mod:`kiln.trust`); off, such a run is refused before anything is imported.
 
     Returns:
         For one run without TTA, its metrics (and ``confusion_matrix``); otherwise a dict with
@@ -113,10 +116,12 @@ def run_eval(
                 "evaluate the run alone: kiln eval RUN"
             )
     if len(run_dirs) > 1:
-        return _eval_ensemble(run_dirs, split, transforms, vote)
+        return _eval_ensemble(run_dirs, split, transforms, vote, trust_code=trust_code)
     if snapshots is not None:
-        return _eval_ensemble(run_dirs, split, transforms, vote, snapshots=snapshots)
-    return _eval_single(run_dirs[0], split, checkpoint, transforms)
+        return _eval_ensemble(
+            run_dirs, split, transforms, vote, snapshots=snapshots, trust_code=trust_code
+        )
+    return _eval_single(run_dirs[0], split, checkpoint, transforms, trust_code=trust_code)
 
 
 # --------------------------------------------------------------------------- the three forms
@@ -187,11 +192,17 @@ class _Setup:
 
 
 def _eval_single(
-    run_dir: Path, split: str, checkpoint: str | None, transforms: Sequence[str]
+    run_dir: Path,
+    split: str,
+    checkpoint: str | None,
+    transforms: Sequence[str],
+    *,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     from kiln.train import build
     from kiln.train.checkpoint import resolve_checkpoint
     from kiln.train.weights import consolidate_checkpoint, load_model
+    from kiln.trust import refuse_file_target
 
     s = _Setup(run_dir, split)
     s.check_tta(transforms)
@@ -199,10 +210,12 @@ def _eval_single(
         ckpt_path = resolve_checkpoint(
             run_dir / "checkpoints" / checkpoint if checkpoint in ("last", "best") else checkpoint
         )
+        refuse_file_target(s.cfg.model.target, run_dir / "config.yaml", trust_code=trust_code)
         model = build.build_model_for(s.cfg, s.data.info)
-        model.load_state_dict(consolidate_checkpoint(ckpt_path))  # sharded (FSDP2) or not
+        # sharded (FSDP2) or not
+        model.load_state_dict(consolidate_checkpoint(ckpt_path, trust_code=trust_code))
     else:
-        model = load_model(run_dir)
+        model = load_model(run_dir, trust_code=trust_code)
     model, _ = s.engine.setup(model)
     plain = s.evaluate(model)
     if not transforms:
@@ -236,6 +249,7 @@ def _eval_ensemble(
     vote: bool,
     *,
     snapshots: int | None = None,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     from kiln.algorithms import ensemble as ens
 
@@ -244,14 +258,14 @@ def _eval_ensemble(
         # First the members must answer the same question (load_ensemble checks that), then
         # hold out the same examples: scoring members that split the data differently on one
         # run's held-out split would count their own training examples.
-        combined = ens.load_ensemble(run_dirs, mode=mode)
+        combined = ens.load_ensemble(run_dirs, mode=mode, trust_code=trust_code)
         ens.check_same_split(run_dirs)
         names = [str(d) for d in run_dirs]
         what = f"ensemble of {len(run_dirs)} runs"
         kind = "ensemble"
     else:
         paths = ens.snapshot_paths(run_dirs[0], snapshots)
-        combined = ens.load_snapshots(run_dirs[0], snapshots, mode=mode)
+        combined = ens.load_snapshots(run_dirs[0], snapshots, mode=mode, trust_code=trust_code)
         names = [p.stem for p in paths]
         what = f"snapshot ensemble of {snapshots} checkpoints"
         kind = "snapshots"

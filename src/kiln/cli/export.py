@@ -36,7 +36,9 @@ def _size(n: int) -> str:
     return f"{n / 1024**2:.1f} MiB"
 
 
-def run_export(runs: list[str], *, format: str, fuse: bool, out: str | None) -> Path:
+def run_export(
+    runs: list[str], *, format: str, fuse: bool, out: str | None, trust_code: bool = False
+) -> Path:
     """Export the run(s), print the file, size and parity table; returns the model file.
 
     ``torchserve`` returns the ``.mar`` archive instead of the model file.
@@ -50,19 +52,21 @@ def run_export(runs: list[str], *, format: str, fuse: bool, out: str | None) -> 
     if format not in _FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(_FORMATS)}")
     if format == "torchserve":
-        return _run_torchserve(runs, fuse=fuse, out=out)
+        return _run_torchserve(runs, fuse=fuse, out=out, trust_code=trust_code)
     from kiln.deploy.export import export_runs
 
-    result = export_runs(runs, format=format, fuse=fuse, out=out)
+    result = export_runs(runs, format=format, fuse=fuse, out=out, trust_code=trust_code)
     _print_result(result, fuse=fuse)
     return result.path
 
 
-def _run_torchserve(runs: list[str], *, fuse: bool, out: str | None) -> Path:
+def _run_torchserve(
+    runs: list[str], *, fuse: bool, out: str | None, trust_code: bool = False
+) -> Path:
     """Export, pack the TorchServe archive and print how to serve it; returns the ``.mar``."""
     from kiln.deploy.torchserve import export_torchserve, start_commands
 
-    ts = export_torchserve(runs, fuse=fuse, out=out)
+    ts = export_torchserve(runs, fuse=fuse, out=out, trust_code=trust_code)
     _print_result(ts.export, fuse=fuse)
     print(f"torchserve archive: {ts.archive} ({_size(ts.archive.stat().st_size)})")
     print(f"handler: {ts.handler} (needs torch only; answers like kiln serve)")

@@ -130,7 +130,7 @@ class _Job:
     out: Path
 
 
-def _open(path: str, overrides: list[str], out: str | None) -> _Job:
+def _open(path: str, overrides: list[str], out: str | None, trust_code: bool = False) -> _Job:
     from kiln.config import load_config
     from kiln.train import build
     from kiln.train.reproducibility import seed_everything
@@ -153,7 +153,7 @@ def _open(path: str, overrides: list[str], out: str | None) -> _Job:
         seed_everything(cfg.seed)
         data = build.build_data_for(cfg)
         weights = p if p.is_file() else run_dir / WEIGHTS
-        model = load_model(weights)
+        model = load_model(weights, trust_code=trust_code)
         source = {"kind": "run", "path": str(run_dir), "trained": True, "weights": str(weights)}
         return _Job(cfg, data, model, True, source, Path(out) if out else run_dir / "inspect")
     cfg = load_config(p, overrides)
@@ -233,7 +233,12 @@ def _stats_table(stats: StatsReport) -> Any:
 
 
 def run_inspect(
-    args: list[str], *, saliency: int = 0, method: str = "gradient", out: str | None = None
+    args: list[str],
+    *,
+    saliency: int = 0,
+    method: str = "gradient",
+    out: str | None = None,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """Inspect a run's trained model (or a config's untrained one) on one batch.
 
@@ -243,6 +248,7 @@ def run_inspect(
         saliency: saliency maps for the first N examples of the split (0: none).
         method: ``gradient``, ``grad_x_input``, ``smoothgrad`` or ``gradcam``.
         out: the output folder (default ``RUN/inspect`` or ``<out_dir>/<name>-inspect``).
+        trust_code: allow a run's ``model.target`` import path (see :mod:`kiln.trust`).
 
     Returns:
         The report written to ``inspect.json``.
@@ -276,7 +282,7 @@ def run_inspect(
         raise ValueError(
             "give a RUN directory or a CONFIG.yaml first, e.g. kiln inspect runs/digits"
         )
-    job = _open(path, overrides, out)
+    job = _open(path, overrides, out, trust_code)
     return _inspect(job, opts, saliency=saliency, method=method)
 
 

@@ -18,6 +18,15 @@ app = typer.Typer(
 )
 
 Debug = Annotated[bool, typer.Option("--debug", help="show tracebacks")]
+TrustCode = Annotated[
+    bool,
+    typer.Option(
+        "--trust-code",
+        help="allow code that the files name: a model.target import path in the run's config, "
+        "weights or checkpoint, and a .pt2 that unpickles on loading. Only for files you trust, "
+        "e.g. your own run trained with model.target=pkg.module:Net",
+    ),
+]
 
 
 def _version(value: bool) -> None:
@@ -75,6 +84,7 @@ def eval_(
     snapshots: Annotated[
         int | None, typer.Option(help="snapshot ensemble of the run's last N checkpoints")
     ] = None,
+    trust_code: TrustCode = False,
     debug: Debug = False,
 ) -> None:
     """Metrics of trained runs on the held-out split: one run, an ensemble, with or without TTA."""
@@ -83,7 +93,13 @@ def eval_(
 
     run_cli(
         lambda: run_eval(
-            runs, split=split, checkpoint=checkpoint, tta=tta, vote=vote, snapshots=snapshots
+            runs,
+            split=split,
+            checkpoint=checkpoint,
+            tta=tta,
+            vote=vote,
+            snapshots=snapshots,
+            trust_code=trust_code,
         ),
         debug=debug,
     )
@@ -117,6 +133,7 @@ def consolidate(
     out: Annotated[
         str | None, typer.Option(help="output .safetensors (default: next to the checkpoint)")
     ] = None,
+    trust_code: TrustCode = False,
     debug: Debug = False,
 ) -> None:
     """Turn a checkpoint (FSDP2-sharded or not) into one .safetensors weights file."""
@@ -136,7 +153,7 @@ def consolidate(
                 f"--out {target}: folder {target.parent} does not exist; create it or choose "
                 "another --out"
             )
-        weights = consolidate_checkpoint(path, out=target)
+        weights = consolidate_checkpoint(path, out=target, trust_code=trust_code)
         print(f"{len(weights)} tensors from {path} -> {target}")
 
     run_cli(go, debug=debug)
@@ -154,13 +171,17 @@ def export(
     out: Annotated[
         str | None, typer.Option(help="output folder (default: RUN/export/FORMAT)")
     ] = None,
+    trust_code: TrustCode = False,
     debug: Debug = False,
 ) -> None:
     """Export a trained run to TorchScript, torch.export (.pt2) or ONNX, with a parity check."""
     from kiln.cli.errors import run_cli
     from kiln.cli.export import run_export
 
-    run_cli(lambda: run_export(runs, format=format, fuse=fuse, out=out), debug=debug)
+    run_cli(
+        lambda: run_export(runs, format=format, fuse=fuse, out=out, trust_code=trust_code),
+        debug=debug,
+    )
 
 
 @app.command()
@@ -210,6 +231,7 @@ def serve(
         float, typer.Option(help="an idle keep-alive connection is closed after this")
     ] = 30.0,
     reuse_port: Annotated[bool, typer.Option(hidden=True)] = False,
+    trust_code: TrustCode = False,
     debug: Debug = False,
 ) -> None:
     """Serve a trained run over HTTP with dynamic batching (/predict, /health, /ready, /metrics)."""
@@ -236,6 +258,7 @@ def serve(
             header_timeout_s=header_timeout_s,
             body_timeout_s=body_timeout_s,
             idle_timeout_s=idle_timeout_s,
+            trust_code=trust_code,
         ),
         debug=debug,
     )
@@ -252,6 +275,7 @@ def quantize(
     out: Annotated[
         str | None, typer.Option(help="output folder (default: RUN/quantized/METHOD)")
     ] = None,
+    trust_code: TrustCode = False,
     debug: Debug = False,
 ) -> None:
     """Quantize a trained run to int8 and print size, latency and accuracy against fp32."""
@@ -260,7 +284,12 @@ def quantize(
 
     run_cli(
         lambda: run_quantize(
-            run, method=method, calib_batches=calib_batches, qat_epochs=qat_epochs, out=out
+            run,
+            method=method,
+            calib_batches=calib_batches,
+            qat_epochs=qat_epochs,
+            out=out,
+            trust_code=trust_code,
         ),
         debug=debug,
     )
@@ -281,6 +310,7 @@ def prune(
         bool, typer.Option("--rewind", help="lottery ticket: rewind survivors to initial weights")
     ] = False,
     out: Annotated[str | None, typer.Option(help="output folder (default: RUN/pruned)")] = None,
+    trust_code: TrustCode = False,
     debug: Debug = False,
 ) -> None:
     """Prune a trained run (unstructured or structured), fine-tune, report size/speed/accuracy."""
@@ -298,6 +328,7 @@ def prune(
             finetune_epochs=finetune_epochs,
             rewind=rewind,
             out=out,
+            trust_code=trust_code,
         ),
         debug=debug,
     )
@@ -315,6 +346,7 @@ def inspect(
         str, typer.Option(help="saliency: gradient, grad_x_input, smoothgrad, gradcam")
     ] = "gradient",
     out: Annotated[str | None, typer.Option(help="folder for PNGs and JSON")] = None,
+    trust_code: TrustCode = False,
     debug: Debug = False,
 ) -> None:
     """Model summary, activation/gradient statistics, histograms and saliency maps.
@@ -325,7 +357,10 @@ def inspect(
     from kiln.cli.errors import run_cli
     from kiln.cli.inspect import run_inspect
 
-    run_cli(lambda: run_inspect(args, saliency=saliency, method=method, out=out), debug=debug)
+    run_cli(
+        lambda: run_inspect(args, saliency=saliency, method=method, out=out, trust_code=trust_code),
+        debug=debug,
+    )
 
 
 @app.command(context_settings=_EXTRA)

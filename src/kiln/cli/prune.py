@@ -51,6 +51,7 @@ def run_prune(
     finetune_epochs: int = 1,
     rewind: bool = False,
     out: str | None = None,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """Prune the run's model, fine-tune it, save it and print the comparison table.
 
@@ -65,6 +66,7 @@ def run_prune(
         rewind: lottery ticket: reset the survivors to the run's initial weights (rebuilt from
             its config and seed) before each fine-tuning.
         out: output folder (default ``RUN/pruned``).
+        trust_code: allow the run's ``model.target`` import path (see :mod:`kiln.trust`).
 
     Returns:
         The report written to ``report.json``.
@@ -125,8 +127,8 @@ def run_prune(
     loader = build.loader_for(cfg, dataset, train=False, device=cpu)
     example = next(iter(loader))[0]
 
-    original = load_model(weights)
-    initial = prr.initial_state(run_dir) if rewind else None
+    original = load_model(weights, trust_code=trust_code)
+    initial = prr.initial_state(run_dir, trust_code=trust_code) if rewind else None
     folder = _out_dir(run_dir, out)
     finetune = None
     if finetune_epochs:

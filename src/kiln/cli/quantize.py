@@ -97,7 +97,7 @@ class _Job:
     examples: int
 
 
-def _open(run: str) -> _Job:
+def _open(run: str, trust_code: bool = False) -> _Job:
     import torch
 
     from kiln.algorithms.ensemble import run_dir_of
@@ -123,7 +123,7 @@ def _open(run: str) -> _Job:
         dir=run_dir,
         cfg=cfg,
         data=data,
-        fp32=load_model(run_dir),
+        fp32=load_model(run_dir, trust_code=trust_code),
         weights=run_dir / WEIGHTS,
         calib_loader=loader_for(cfg, data.train, train=True, device=cpu),
         eval_loader=eval_loader,
@@ -140,6 +140,7 @@ def run_quantize(
     calib_batches: int = 32,
     qat_epochs: int = 2,
     out: str | None = None,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """Quantize a trained run, save it, measure it against fp32; returns the report.
 
@@ -149,6 +150,7 @@ def run_quantize(
         calib_batches: training batches that calibrate ``static``/``pt2e``/``onnx-int8``.
         qat_epochs: fine-tuning epochs of ``qat``.
         out: output folder (default ``RUN/quantized/<method>``).
+        trust_code: allow the run's ``model.target`` import path (see :mod:`kiln.trust`).
 
     Raises:
         ValueError: unknown method, a run without a test/val split, an unsupported model.
@@ -163,7 +165,7 @@ def run_quantize(
     quiet_torch_ao_warnings()
     import torch
 
-    job = _open(run)
+    job = _open(run, trust_code)
     out_dir = Path(out) if out else job.dir / "quantized" / method
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # steadier timings; both rows run under the same setting
@@ -208,7 +210,8 @@ def _quantize_and_measure(
     ]
     reload_diff = None
     if method in AO_METHODS:  # the saved file alone rebuilds the same model
-        again = load_quantized(out_dir)
+        # its metadata is the run's, which load_model accepted above (with or without trust)
+        again = load_quantized(out_dir, trust_code=True)
         with torch.inference_mode():
             reload_diff = float((again(x) - result.predict(x)).abs().max())
     notes = dict(result.notes)

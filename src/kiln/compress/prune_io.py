@@ -62,13 +62,18 @@ def save_pruned(
 
 
 def load_pruned(
-    path: str | Path, *, model: nn.Module | None = None, device: str | torch.device = "cpu"
+    path: str | Path,
+    *,
+    model: nn.Module | None = None,
+    device: str | torch.device = "cpu",
+    trust_code: bool = False,
 ) -> nn.Module:
     """Rebuild a pruned model from ``folder`` (or its ``model.safetensors``), in eval mode.
 
     The network is built from the run config in the file (or ``model`` for a user's own
     instance), its layers are resized to the saved widths, then the weights are loaded
-    strictly.
+    strictly. A ``model.target`` import path in that config is refused unless ``trust_code``
+    (see :mod:`kiln.trust`).
 
     Raises:
         FileNotFoundError: no ``model.safetensors`` there.
@@ -96,8 +101,10 @@ def load_pruned(
         from kiln.config import Config
         from kiln.data.base import DataInfo
         from kiln.registry import build_model
+        from kiln.trust import refuse_file_target
 
         cfg = Config.model_validate(yaml.safe_load(meta["kiln_config"]))
+        refuse_file_target(cfg.model.target, file, trust_code=trust_code)
         raw = json.loads(meta["kiln_data_info"])
         raw["input_shape"] = tuple(raw["input_shape"])
         model = build_model(cfg.model, DataInfo(**raw))

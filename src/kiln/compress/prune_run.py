@@ -129,7 +129,9 @@ def trainer_finetune(
     return finetune
 
 
-def initial_state(run: str | Path, *, source: str = "init") -> dict[str, torch.Tensor]:
+def initial_state(
+    run: str | Path, *, source: str = "init", trust_code: bool = False
+) -> dict[str, torch.Tensor]:
     """The weights a run started from, for lottery-ticket rewinding.
 
     Args:
@@ -138,6 +140,7 @@ def initial_state(run: str | Path, *, source: str = "init") -> dict[str, torch.T
             data -> model, from the run's ``config.yaml``; this reseeds the global RNGs);
             ``earliest`` reads the model from the run's earliest kept checkpoint (late
             rewinding; the Trainer keeps the last N checkpoints, so it may be a late one).
+        trust_code: allow the config's ``model.target`` import path (see :mod:`kiln.trust`).
 
     Raises:
         ValueError: an unknown ``source``, or an FSDP-sharded checkpoint.
@@ -153,7 +156,9 @@ def initial_state(run: str | Path, *, source: str = "init") -> dict[str, torch.T
     if source == "init":
         from kiln.train import build
         from kiln.train.reproducibility import seed_everything
+        from kiln.trust import refuse_file_target
 
+        refuse_file_target(cfg.model.target, run_dir / "config.yaml", trust_code=trust_code)
         seed_everything(cfg.seed)
         data = build.build_data_for(cfg)
         model = build.build_model_for(cfg, data.info)

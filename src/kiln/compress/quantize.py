@@ -347,13 +347,17 @@ def read_recipe(path: str | Path) -> tuple[Path, dict[str, str]]:
     return file, meta
 
 
-def load_quantized(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
+def load_quantized(
+    path: str | Path, *, model: nn.Module | None = None, trust_code: bool = False
+) -> nn.Module:
     """Reload a model saved by a ``dynamic``, ``static`` or ``qat`` :class:`CompressedModel`.
 
     Args:
         path: the output folder (holding ``model.safetensors``) or the file itself.
         model: the fp32 architecture (any weights) for models Kiln cannot rebuild from the
             saved config (a user's own class built in Python).
+        trust_code: allow the saved config's ``model.target`` import path to be imported and
+            called (see :mod:`kiln.trust`); off, only registry models are rebuilt.
 
     Returns:
         The quantized model, in evaluation mode, with the saved int8 weights.
@@ -375,7 +379,7 @@ def load_quantized(path: str | Path, *, model: nn.Module | None = None) -> nn.Mo
             f"{', '.join(AO_METHODS)} (see kiln.compress.quantize_export for the others)"
         )
     if model is None:
-        model = _fp32_from_metadata(file, meta)
+        model = _fp32_from_metadata(file, meta, trust_code=trust_code)
     qmodel = ao.rebuild(recipe, model)
     layout = json.loads(meta["kiln_quant_layout"])
     tensors = load_file(str(file))
@@ -383,7 +387,7 @@ def load_quantized(path: str | Path, *, model: nn.Module | None = None) -> nn.Mo
     return qmodel.eval()
 
 
-def _fp32_from_metadata(file: Path, meta: dict[str, str]) -> nn.Module:
+def _fp32_from_metadata(file: Path, meta: dict[str, str], *, trust_code: bool) -> nn.Module:
     if "kiln_config" not in meta or "kiln_data_info" not in meta:
         raise ValueError(
             f"{file} has no Kiln config to rebuild the fp32 architecture from; pass "
@@ -394,8 +398,10 @@ def _fp32_from_metadata(file: Path, meta: dict[str, str]) -> nn.Module:
     from kiln.config import Config
     from kiln.data.base import DataInfo
     from kiln.registry import build_model
+    from kiln.trust import refuse_file_target
 
     cfg = Config.model_validate(yaml.safe_load(meta["kiln_config"]))
+    refuse_file_target(cfg.model.target, file, trust_code=trust_code)
     raw = json.loads(meta["kiln_data_info"])
     raw["input_shape"] = tuple(raw["input_shape"])
     return build_model(cfg.model, DataInfo(**raw)).eval()

@@ -308,8 +308,11 @@ def quantize_pt2e(
     return CompressedModel("pt2e", predict, save, module=converted, files=files, notes=notes)
 
 
-def load_pt2e(path: str | Path) -> nn.Module:
+def load_pt2e(path: str | Path, *, trust_code: bool = False) -> nn.Module:
     """Load a program written by :func:`quantize_pt2e`'s ``save`` as a callable module.
+
+    The archive is inspected first (:func:`kiln.trust.check_pt2`): one whose loading would
+    unpickle entries is refused unless ``trust_code``.
 
     torchao is imported first: it registers the ``quantized_decomposed`` ops the program uses.
     The module runs the reference Q/DQ graph; wrap it in ``torch.compile`` under
@@ -318,6 +321,7 @@ def load_pt2e(path: str | Path) -> nn.Module:
     Raises:
         ImportError: torchao is not installed.
         FileNotFoundError: no file at ``path``.
+        kiln.errors.UnsafeFileError: the archive would unpickle entries and ``trust_code`` is off.
 
     Example:
         >>> net = load_pt2e("out/model_pt2e.pt2")   # doctest: +SKIP
@@ -330,5 +334,8 @@ def load_pt2e(path: str | Path) -> nn.Module:
             f"no PT2E program at {p}; write one with quantize_pt2e(...).save(folder)"
         )
     _import_torchao()
+    from kiln.trust import check_pt2
+
+    check_pt2(p, trust_code=trust_code)
     module: nn.Module = torch.export.load(str(p)).module()
     return module

@@ -207,12 +207,16 @@ def _onnx(model: nn.Module, example: torch.Tensor, path: Path) -> dict[str, Any]
     return {"opset": next((o.version for o in onnx.load(str(path)).opset_import), None)}
 
 
-def load_exported(path: str | Path, format: str) -> Predict:
+def load_exported(path: str | Path, format: str, *, trust_code: bool = False) -> Predict:
     """A ``predict`` function over a saved export (CPU float32 tensor in, tensor out).
+
+    A ``.pt2`` is inspected first (:func:`kiln.trust.check_pt2`): one that would be unpickled
+    on loading is refused unless ``trust_code``.
 
     Args:
         path: the model file.
         format: how it was exported.
+        trust_code: load a ``.pt2`` even when loading it would unpickle entries (run code).
 
     Example:
         >>> predict = load_exported("out/model.pt2", "exported")   # doctest: +SKIP
@@ -228,6 +232,9 @@ def load_exported(path: str | Path, format: str) -> Predict:
         with _quiet_jit():
             module: Any = torch.jit.load(str(path), map_location="cpu")
     else:
+        from kiln.trust import check_pt2
+
+        check_pt2(path, trust_code=trust_code)
         module = torch.export.load(str(path)).module()
 
     def predict(x: torch.Tensor) -> torch.Tensor:
@@ -384,6 +391,7 @@ def export_runs(
     fuse: bool = False,
     out: str | Path | None = None,
     batch_sizes: Sequence[int] = (1, 64),
+    trust_code: bool = False,
 ) -> ExportResult:
     """Export one run's model, or several runs as one ensemble, with a parity check.
 
@@ -398,6 +406,7 @@ def export_runs(
         out: output folder (default ``RUN/export/FORMAT``, ``RUN/export/ensemble-FORMAT`` for
             several runs, under the first run).
         batch_sizes: the batch sizes of the parity check.
+        trust_code: allow the runs' ``model.target`` import paths (see :mod:`kiln.trust`).
 
     Returns:
         An :class:`ExportResult`.
@@ -421,7 +430,11 @@ def export_runs(
             "exporting multi-task models (a dict of outputs) is not yet supported; load the "
             "run in Python with kiln.load_model(RUN)"
         )
-    eager: nn.Module = load_ensemble(dirs) if len(dirs) > 1 else load_model(dirs[0])
+    eager: nn.Module = (
+        load_ensemble(dirs, trust_code=trust_code)
+        if len(dirs) > 1
+        else load_model(dirs[0], trust_code=trust_code)
+    )
     if any(p.dtype != torch.float32 for p in eager.parameters()):
         raise ValueError(
             "kiln export handles float32 weights only; other dtypes are not yet supported"

@@ -37,8 +37,36 @@ def save_weights(model: nn.Module, path: str | Path, cfg: Config, info: DataInfo
     return p
 
 
+def model_from_metadata(file: Path, meta: dict[str, str], *, trust_code: bool) -> nn.Module:
+    """The untrained model that a weights file's ``kiln_config`` metadata describes.
+
+    A registry name is rebuilt as it is; a ``model.target`` import path is refused unless
+    ``trust_code`` (see :mod:`kiln.trust`).
+
+    Raises:
+        ValueError: the file has no Kiln metadata.
+        kiln.errors.UnsafeFileError: the metadata names an import path and ``trust_code`` is off.
+    """
+    if "kiln_config" not in meta or "kiln_data_info" not in meta:
+        raise ValueError(f"{file} has no Kiln metadata; pass model=<your nn.Module> to load it")
+    import yaml
+
+    from kiln.registry import build_model
+    from kiln.trust import refuse_file_target
+
+    cfg = Config.model_validate(yaml.safe_load(meta["kiln_config"]))
+    refuse_file_target(cfg.model.target, file, trust_code=trust_code)
+    raw = json.loads(meta["kiln_data_info"])
+    raw["input_shape"] = tuple(raw["input_shape"])
+    return build_model(cfg.model, DataInfo(**raw))
+
+
 def load_model(
-    run: str | Path, *, model: nn.Module | None = None, device: str | torch.device = "cpu"
+    run: str | Path,
+    *,
+    model: nn.Module | None = None,
+    device: str | torch.device = "cpu",
+    trust_code: bool = False,
 ) -> nn.Module:
     """Rebuild a trained model from a run directory (or a ``.safetensors`` file), in eval mode.
 
@@ -46,9 +74,12 @@ def load_model(
         run: a run directory holding ``model.safetensors``, or the file itself.
         model: an instance to load into (for user models that cannot be rebuilt by import path).
         device: where to put the weights.
+        trust_code: allow the file's ``model.target`` import path to be imported and called
+            (a run trained on your own class); off, only registry models are rebuilt.
 
     Raises:
         FileNotFoundError: no weights there (the run may not have finished; use its checkpoint).
+        kiln.errors.UnsafeFileError: the file names an import path and ``trust_code`` is off.
     """
     from safetensors import safe_open
     from safetensors.torch import load_model as st_load
@@ -63,27 +94,23 @@ def load_model(
     with safe_open(str(file), "pt") as f:
         meta = f.metadata() or {}
     if model is None:
-        if "kiln_config" not in meta:
-            raise ValueError(f"{file} has no Kiln metadata; pass model=<your nn.Module> to load it")
-        import yaml
-
-        cfg = Config.model_validate(yaml.safe_load(meta["kiln_config"]))
-        raw = json.loads(meta["kiln_data_info"])
-        raw["input_shape"] = tuple(raw["input_shape"])
-        from kiln.registry import build_model
-
-        model = build_model(cfg.model, DataInfo(**raw))
+        model = model_from_metadata(file, meta, trust_code=trust_code)
     st_load(model, str(file), strict=True, device=str(device))
     return model.to(device).eval()
 
 
 def consolidate_checkpoint(
-    checkpoint: str | Path, *, out: str | Path | None = None, model: nn.Module | None = None
+    checkpoint: str | Path,
+    *,
+    out: str | Path | None = None,
+    model: nn.Module | None = None,
+    trust_code: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The full model weights of any checkpoint (sharded FSDP2 or not), in one process.
 
     Optionally writes them as a ``.safetensors`` file (``out``) that :func:`load_model` reads.
-    The model is rebuilt from the checkpoint's config (pass ``model`` for a user's own class).
+    The model is rebuilt from the checkpoint's config (pass ``model`` for a user's own class);
+    a ``model.target`` import path there is refused unless ``trust_code`` (see :mod:`kiln.trust`).
 
     Example:
         >>> w = consolidate_checkpoint("runs/x/checkpoints/step-40.ckpt",
@@ -106,7 +133,9 @@ def consolidate_checkpoint(
     info = DataInfo(**raw)
     if model is None:
         from kiln.registry import build_model
+        from kiln.trust import refuse_file_target
 
+        refuse_file_target(cfg.model.target, path, trust_code=trust_code)
         model = build_model(cfg.model, info)
     if "sharded" in saved:
         weights = state.consolidate(model, path.parent / saved["sharded"])
