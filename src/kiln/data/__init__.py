@@ -28,6 +28,7 @@ from kiln.data.subsets import few_shot, select_classes
 from kiln.data.synthetic import build_synthetic
 from kiln.data.tables import build_csv, build_sklearn_table, sklearn_tables
 from kiln.data.text import build_text, decode, encode
+from kiln.errors import DataError
 
 __all__ = [
     "ArrayDataset",
@@ -56,12 +57,12 @@ _LAYOUTS = {
 def _layout(cfg: DataConfig, requested: str) -> str:
     """The layout to build: ``cfg.layout`` when set, else ``requested`` if the source has it."""
     if requested not in ("flat", "image"):
-        raise ValueError(f"layout must be 'flat' or 'image', got {requested!r}")
+        raise DataError(f"layout must be 'flat' or 'image', got {requested!r}")
     source = cfg.name if cfg.name in _LAYOUTS else "table"
     supported = _LAYOUTS.get(source, ("flat",))
     if cfg.layout != "auto":
         if cfg.layout not in supported:
-            raise ValueError(
+            raise DataError(
                 f"data.layout={cfg.layout} is not available for data.name={cfg.name} (it gives "
                 f"{' or '.join(supported)} data); set data.layout=auto"
             )
@@ -103,7 +104,7 @@ def _build_source(cfg: DataConfig, *, seed: int, layout: str = "flat") -> DataBu
         A :class:`DataBundle`; ``bundle.info`` says the task, input shape and classes.
 
     Raises:
-        ValueError: an unknown source or any problem with the data, naming the fix.
+        DataError: an unknown source or any problem with the data, naming the fix.
 
     Example:
         >>> info = build_data(DataConfig(), seed=0, layout="image").info
@@ -130,7 +131,7 @@ def _build_source(cfg: DataConfig, *, seed: int, layout: str = "flat") -> DataBu
         from kiln.data.topics import build_topics  # tokenizers is imported only here
 
         return build_topics(cfg, seed=seed)
-    raise ValueError(
+    raise DataError(
         f"unknown data source {name!r}; allowed: digits, digits_multitask, sklearn:<name>, "
         "csv, images, synthetic, text, topics"
     )

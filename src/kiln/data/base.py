@@ -13,6 +13,8 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Dataset, Subset
 
+from kiln.errors import DataError
+
 Task = Literal["classification", "regression", "lm", "multitask"]
 
 
@@ -72,7 +74,7 @@ class ArrayDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if len(x) != len(y):
-            raise ValueError(f"inputs and targets differ in length: {len(x)} vs {len(y)}")
+            raise DataError(f"inputs and targets differ in length: {len(x)} vs {len(y)}")
         self.x = x
         self.y = y
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from kiln.config import DataConfig
 from kiln.data.base import ArrayDataset, DataBundle, DataInfo
 from kiln.data.splits import split_indices, standardize, subset_splits
+from kiln.errors import DataError
 
 __all__ = ["build_digits"]
 
@@ -40,14 +41,14 @@ def build_digits(cfg: DataConfig, *, seed: int, layout: str = "flat") -> DataBun
         A :class:`DataBundle` of :class:`ArrayDataset` subsets; inputs float32, targets int64.
 
     Raises:
-        ValueError: an unknown layout, or ``task=regression``.
+        DataError: an unknown layout, or ``task=regression``.
     """
     from sklearn.datasets import load_digits
 
     if layout not in ("flat", "image"):
-        raise ValueError(f"digits layout must be 'flat' or 'image', got {layout!r}")
+        raise DataError(f"digits layout must be 'flat' or 'image', got {layout!r}")
     if cfg.task == "regression":
-        raise ValueError("digits is a classification dataset; set data.task=auto")
+        raise DataError("digits is a classification dataset; set data.task=auto")
     raw = load_digits()
     pixels = torch.as_tensor(raw.images, dtype=torch.float32) / 16.0  # (N, 8, 8) in [0, 1]
     y = torch.as_tensor(raw.target, dtype=torch.int64)

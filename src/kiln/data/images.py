@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,8 +27,18 @@ from torch.utils.data import Dataset
 from kiln.config import DataConfig
 from kiln.data.base import DataBundle, DataInfo
 from kiln.data.splits import split_indices, subset_splits
+from kiln.errors import DataError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "build_image_folder", "find_images"]
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageFolderDataset",
+    "build_image_folder",
+    "find_images",
+    "open_image",
+]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 _GRAY_MODES = {"1", "L"}
@@ -62,9 +72,9 @@ class ImageFolderDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         std: list[float] | None = None,
     ) -> None:
         if len(files) != len(labels):
-            raise ValueError(f"{len(files)} files but {len(labels)} labels")
+            raise DataError(f"{len(files)} files but {len(labels)} labels")
         if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels}")
+            raise DataError(f"channels must be 1 or 3, got {channels}")
         self.files = files
         self.labels = labels
         self.size = size
@@ -79,8 +89,7 @@ class ImageFolderDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         """Image ``i`` as a ``(C, size, size)`` float tensor in [0, 1], not normalised."""
         from PIL import Image
 
-        with Image.open(self.files[i]) as img:
-            pic = img.convert("L" if self.channels == 1 else "RGB")
+        pic = open_image(self.files[i], "L" if self.channels == 1 else "RGB")
         pic = pic.resize((self.size, self.size), Image.Resampling.BILINEAR)
         # np.array copies into a writable buffer; torch.from_numpy warns on read-only ones.
         arr = np.array(pic, dtype=np.uint8).reshape(self.size, self.size, self.channels)
@@ -99,17 +108,17 @@ def find_images(root: Path) -> tuple[list[str], list[int], list[str]]:
     Files are found recursively inside each class folder; hidden files and folders are skipped.
 
     Raises:
-        ValueError: ``root`` is missing, has no class subfolders, or a class has no images.
+        DataError: ``root`` is missing, has no class subfolders, or a class has no images.
     """
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "not found"
-        raise ValueError(
+        raise DataError(
             f"image folder {what}: {root} (resolved: {root.resolve()}); set data.path to a "
             "folder holding one subfolder per class"
         )
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise ValueError(
+        raise DataError(
             f"{root} has no class subfolders; arrange images as {root}/<class>/<image>.png, "
             "one subfolder per class"
         )
@@ -124,7 +133,7 @@ def find_images(root: Path) -> tuple[list[str], list[int], list[str]]:
             and not any(part.startswith(".") for part in p.relative_to(root).parts)
         )
         if not found:
-            raise ValueError(
+            raise DataError(
                 f"class folder {root / name} has no images (looked for "
                 f"{', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder"
             )
@@ -133,15 +142,50 @@ def find_images(root: Path) -> tuple[list[str], list[int], list[str]]:
     return files, labels, classes
 
 
-def _channels(files: list[str]) -> int:
-    """1 when every image is grayscale, else 3 (RGB); reads only the file headers."""
-    from PIL import Image
+def open_image(path: str, mode: str | None = None) -> PILImage:
+    """Open and fully decode one image file, converted to ``mode`` (None: as stored).
 
+    Raises:
+        DataError: the file is not an image Pillow can read, or it is damaged (truncated,
+            bad checksum, a decompression bomb); the message names the file and the fix.
+
+    Example:
+        >>> open_image("photos/cat/1.png", "RGB").size  # doctest: +SKIP
+        (64, 48)
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()  # decodes every byte now, so a truncated file fails here
+            return img.convert(mode) if mode is not None else img.copy()
+    except (MemoryError, PermissionError):
+        raise  # not the file's content; the CLI names an unreadable file itself
+    except UnidentifiedImageError:
+        reason = "not an image format Pillow reads, or the header is damaged"
+    except FileNotFoundError:
+        raise DataError(
+            f"image {path} was removed after the folder was listed; restore it or start again"
+        ) from None
+    except Exception as exc:
+        # Pillow raises OSError, SyntaxError, ValueError, EOFError, struct.error or its
+        # DecompressionBombError for damaged files, varying by format: all are the file's fault.
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    raise DataError(f"image {path} cannot be read ({reason}); remove or replace that file")
+
+
+def _channels(files: list[str]) -> int:
+    """1 when every image is grayscale, else 3 (RGB).
+
+    Every file is decoded here, once, so a damaged image is reported before training starts,
+    not in the middle of an epoch (or inside a DataLoader worker, where the message would come
+    back wrapped in the worker's traceback).
+    """
+    channels = 1
     for f in files:
-        with Image.open(f) as img:
-            if img.mode not in _GRAY_MODES:
-                return 3
-    return 1
+        if open_image(f).mode not in _GRAY_MODES:
+            channels = 3
+    return channels
 
 
 def _train_stats(ds: ImageFolderDataset, idx: list[int]) -> tuple[list[float], list[float]]:
@@ -172,9 +216,14 @@ def build_image_folder(cfg: DataConfig, *, seed: int) -> DataBundle:
         int64 class indices (classes = sorted subfolder names).
     """
     if cfg.task == "regression":
-        raise ValueError("image folders are labelled by class; set data.task=auto")
+        raise DataError("image folders are labelled by class; set data.task=auto")
     root = Path(cfg.path or "")
     files, labels, classes = find_images(root)
+    if len(classes) < 2:
+        raise DataError(
+            f"{root} has one class folder ({classes[0]!r}); classification needs at least two: "
+            f"add a folder per class ({root}/<class>/<image>)"
+        )
     channels = _channels(files)
     train_idx, val_idx, test_idx = split_indices(
         len(files),

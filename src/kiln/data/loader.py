@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from kiln.data.base import ArrayDataset, is_batched
+from kiln.errors import DataError
 from kiln.train.reproducibility import worker_init
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, epoch) pairs apart
@@ -203,7 +204,10 @@ def make_loader(
     """
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
-        raise ValueError("cannot build a loader over an empty dataset")
+        raise DataError(
+            "cannot build a loader over an empty dataset; check data.path, data.classes and "
+            "the split fractions"
+        )
     sampler = EpochSampler(n, shuffle=shuffle, seed=seed, rank=rank, world=world, pad=pad)
     if fast and is_batched(dataset) and num_workers == 0 and not pin_memory:
         return ArrayLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last)

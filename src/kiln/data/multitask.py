@@ -26,6 +26,7 @@ from kiln.config import DataConfig
 from kiln.data.base import ArrayDataset, DataBundle, DataInfo
 from kiln.data.digits import build_digits
 from kiln.data.splits import subset_splits
+from kiln.errors import DataError
 
 __all__ = ["build_digits_multitask", "task_columns"]
 
@@ -34,24 +35,24 @@ def task_columns(info: DataInfo) -> list[dict[str, object]]:
     """``info.tasks`` checked: a non-empty list of named classification/regression tasks.
 
     Raises:
-        ValueError: the data is not multi-task, or a task entry is malformed.
+        DataError: the data is not multi-task, or a task entry is malformed.
     """
     if info.task != "multitask" or not info.tasks:
-        raise ValueError(
+        raise DataError(
             f"this data is {info.task!r}, not multi-task (DataInfo.tasks is empty); use a "
             "multi-target source such as data.name=digits_multitask"
         )
     names = [t.get("name") for t in info.tasks]
     if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"multi-task data needs distinct task names, got {names}")
+        raise DataError(f"multi-task data needs distinct task names, got {names}")
     for t in info.tasks:
         if t.get("task") not in ("classification", "regression"):
-            raise ValueError(
+            raise DataError(
                 f"task {t['name']!r}: kind must be classification or regression, got "
                 f"{t.get('task')!r}"
             )
         if t["task"] == "classification" and not t.get("num_classes"):
-            raise ValueError(f"classification task {t['name']!r} must say num_classes")
+            raise DataError(f"classification task {t['name']!r} must say num_classes")
     return list(info.tasks)
 
 

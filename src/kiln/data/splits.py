@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Subset
 
+from kiln.errors import DataError
+
 __all__ = ["limit_per_class", "split_indices", "split_sizes", "standardize", "subset_splits"]
 
 
@@ -40,14 +42,14 @@ def split_sizes(
         ``(n_train, n_val, n_test)``, summing to ``n``.
 
     Raises:
-        ValueError: ``n`` is too small to give every requested split an example.
+        DataError: ``n`` is too small to give every requested split an example.
 
     Example:
         >>> split_sizes(1797, val_fraction=0.1, test_fraction=0.2)
         (1258, 180, 359)
     """
     if min(val_fraction, test_fraction) < 0.0 or val_fraction + test_fraction >= 1.0:
-        raise ValueError(
+        raise DataError(
             f"val_fraction and test_fraction must be >= 0 with a sum below 1, got {val_fraction} "
             f"and {test_fraction}"
         )
@@ -61,7 +63,7 @@ def split_sizes(
         needed = max(n + 1, 1)
         while sizes(needed)[0] < 1:
             needed += 1
-        raise ValueError(
+        raise DataError(
             f"{n} {what} cannot fill the train/val/test splits (val_fraction={val_fraction}, "
             f"test_fraction={test_fraction} need at least {needed}); add data or lower "
             "data.val_fraction / data.test_fraction (0 turns a split off)"
@@ -124,7 +126,7 @@ def split_indices(
     if stratify is not None:
         labels = stratify.tolist() if isinstance(stratify, torch.Tensor) else list(stratify)
         if len(labels) != n:
-            raise ValueError(f"stratify has {len(labels)} labels for {n} examples")
+            raise DataError(f"stratify has {len(labels)} labels for {n} examples")
     rest, val = _take(list(range(n)), n_val, labels, seed)
     train, test = _take(rest, n_test, labels, seed + 1)
     assert len(train) + len(val) + len(test) == n
@@ -197,7 +199,7 @@ def limit_per_class(indices: list[int], labels: list[int], k: int, seed: int) ->
         True
     """
     if k < 1:
-        raise ValueError(f"train_per_class must be >= 1, got {k}")
+        raise DataError(f"train_per_class must be >= 1, got {k}")
     gen = torch.Generator().manual_seed(seed)
     order = [indices[i] for i in torch.randperm(len(indices), generator=gen).tolist()]
     kept: dict[int, list[int]] = {}

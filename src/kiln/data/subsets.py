@@ -27,6 +27,7 @@ from torch.utils.data import Subset
 
 from kiln.data.base import ArrayDataset, DataBundle
 from kiln.data.splits import limit_per_class
+from kiln.errors import DataError
 
 __all__ = ["few_shot", "select_classes"]
 
@@ -34,9 +35,9 @@ __all__ = ["few_shot", "select_classes"]
 def _base(bundle: DataBundle, what: str) -> ArrayDataset:
     train = bundle.train
     if bundle.info.task != "classification" or not bundle.info.num_classes:
-        raise ValueError(f"data.{what} needs classification data; this data is {bundle.info.task}")
+        raise DataError(f"data.{what} needs classification data; this data is {bundle.info.task}")
     if not (isinstance(train, Subset) and isinstance(train.dataset, ArrayDataset)):
-        raise ValueError(f"data.{what} is not yet supported for this data source")
+        raise DataError(f"data.{what} is not yet supported for this data source")
     return train.dataset
 
 
@@ -44,13 +45,13 @@ def select_classes(bundle: DataBundle, classes: Sequence[int]) -> DataBundle:
     """Keep only ``classes`` (original indices), renumbered ``0..k-1`` in the given order.
 
     Raises:
-        ValueError: not classification data, a class out of range, or a repeated class.
+        DataError: not classification data, a class out of range, or a repeated class.
     """
     base = _base(bundle, "classes")
     n = bundle.info.num_classes or 0
     bad = [c for c in classes if not 0 <= c < n]
     if bad or len(set(classes)) != len(classes) or len(classes) < 2:
-        raise ValueError(
+        raise DataError(
             f"data.classes must be >= 2 distinct class indices in 0..{n - 1}, got {list(classes)}"
         )
     mapping = torch.full((n,), -1, dtype=torch.long)

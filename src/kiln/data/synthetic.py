@@ -17,6 +17,7 @@ from __future__ import annotations
 from kiln.config import DataConfig
 from kiln.data.base import DataBundle, Task
 from kiln.data.tables import tabular_bundle
+from kiln.errors import DataError
 
 __all__ = ["build_synthetic"]
 
@@ -39,7 +40,7 @@ def build_synthetic(cfg: DataConfig, *, seed: int) -> DataBundle:
         float32 targets of shape ``(N, 1)``.
 
     Raises:
-        ValueError: ``n_informative > n_features``, too many classes for the informative
+        DataError: ``n_informative > n_features``, too many classes for the informative
             features, or a classification ``noise`` above 1.
     """
     from sklearn.datasets import make_classification, make_regression
@@ -47,7 +48,7 @@ def build_synthetic(cfg: DataConfig, *, seed: int) -> DataBundle:
     s = cfg.synthetic
     task: Task = s.task if cfg.task == "auto" else cfg.task
     if s.n_informative > s.n_features:
-        raise ValueError(
+        raise DataError(
             f"data.synthetic.n_informative={s.n_informative} exceeds n_features={s.n_features}; "
             "lower n_informative or raise n_features"
         )
@@ -72,12 +73,12 @@ def build_synthetic(cfg: DataConfig, *, seed: int) -> DataBundle:
         )
 
     if s.noise > 1.0:
-        raise ValueError(
+        raise DataError(
             f"data.synthetic.noise={s.noise} is a label-flip fraction for classification and "
             "must be <= 1; use e.g. 0.1"
         )
     if s.n_classes > 2**s.n_informative:
-        raise ValueError(
+        raise DataError(
             f"data.synthetic.n_classes={s.n_classes} needs at least "
             f"{(s.n_classes - 1).bit_length()} informative features (got n_informative="
             f"{s.n_informative}); raise n_informative"

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,9 @@ import torch
 
 from kiln.config import DataConfig, suggest
 from kiln.data.base import ArrayDataset, DataBundle, DataInfo, Task
+from kiln.data.files import read_utf8, require_file
 from kiln.data.splits import split_indices, split_sizes, standardize, subset_splits
+from kiln.errors import DataError
 
 __all__ = ["build_csv", "build_sklearn_table", "sklearn_tables", "tabular_bundle"]
 
@@ -142,14 +145,14 @@ def build_sklearn_table(name: str, cfg: DataConfig, *, seed: int) -> DataBundle:
     overrides it when not ``auto``.
 
     Raises:
-        ValueError: an unknown name (with the available ones), or classification asked for
+        DataError: an unknown name (with the available ones), or classification asked for
             continuous targets.
     """
     import sklearn.datasets as skd
 
     available = sklearn_tables()
     if name not in available:
-        raise ValueError(
+        raise DataError(
             f"unknown scikit-learn dataset {name!r} (data.name=sklearn:{name}); available: "
             f"{', '.join(available)}{_hint(name, available)}"
         )
@@ -166,7 +169,7 @@ def build_sklearn_table(name: str, cfg: DataConfig, *, seed: int) -> DataBundle:
     if task == "classification":
         if y.ndim != 1 or not np.all(np.mod(y, 1) == 0):
             kind = f"{y.shape[1]} target columns" if y.ndim != 1 else "non-integer targets"
-            raise ValueError(
+            raise DataError(
                 f"sklearn:{name} has {kind}, so data.task=classification does not apply; set "
                 "data.task=auto or regression"
             )
@@ -188,38 +191,50 @@ def build_sklearn_table(name: str, cfg: DataConfig, *, seed: int) -> DataBundle:
 
 
 def _read_rows(path: Path) -> tuple[list[str], list[list[str]], list[int]]:
-    """Header, data rows and each row's line number; checks the shape of the file."""
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        rows: list[list[str]] = []
-        lines: list[int] = []
-        header: list[str] | None = None
+    """Header, data rows and each row's line number; checks the encoding and shape of the file."""
+    text = read_utf8(path, "CSV file")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows: list[list[str]] = []
+    lines: list[int] = []
+    header: list[str] | None = None
+    done = 0  # lines read by the last complete record: a failing record starts after it
+    try:
         for row in reader:
+            done = reader.line_num
             if not row:
                 continue  # blank line
             if header is None:
                 header = [h.strip() for h in row]
                 continue
             if len(row) != len(header):
-                raise ValueError(
-                    f"row {len(rows) + 1} (line {reader.line_num} of {path.name}) has {len(row)} "
-                    f"cells but the header has {len(header)} columns; fix that line"
+                raise DataError(
+                    f"row {len(rows) + 1} (line {reader.line_num} of {path}) has {len(row)} "
+                    f"cells but the header has {len(header)} columns; fix that line (quote "
+                    "cells that contain commas)"
                 )
             rows.append(row)
             lines.append(reader.line_num)
+    except csv.Error as exc:
+        # e.g. a cell over csv's field size limit: usually a quote that is never closed.
+        raise DataError(
+            f"line {done + 1} of {path} cannot be read as CSV ({exc}); check the "
+            "quotes on that line (a quote opened and never closed swallows the rest of the file)"
+        ) from None
     if header is None:
-        raise ValueError(f"{path} is empty; a CSV needs a header row naming its columns")
+        raise DataError(f"CSV file {path} is empty; a CSV needs a header row naming its columns")
     if all(_is_number(h) for h in header):
-        raise ValueError(
+        raise DataError(
             f"the first row of {path} looks like data ({', '.join(header[:4])}), not a header; "
             "add a header row naming the columns"
         )
     empty = [i + 1 for i, h in enumerate(header) if not h]
     if empty:
-        raise ValueError(f"{path}: header column {empty[0]} has no name; name every column")
+        raise DataError(f"{path}: header column {empty[0]} has no name; name every column")
     dupes = sorted({h for h in header if header.count(h) > 1})
     if dupes:
-        raise ValueError(f"{path}: duplicate column names {dupes}; make each header unique")
+        raise DataError(f"{path}: duplicate column names {dupes}; make each header unique")
+    if not rows:
+        raise DataError(f"CSV file {path} has a header but no data rows; add rows below it")
     return header, rows, lines
 
 
@@ -235,7 +250,7 @@ def _bad_cell(path: Path, rows: list[list[str]], lines: list[int], col: int, nam
     """The message for the first empty, NaN or non-numeric cell of column ``col``."""
     for r, row in enumerate(rows):
         cell = row[col].strip()
-        where = f"row {r + 1} (line {lines[r]} of {path.name}), column {name!r}"
+        where = f"row {r + 1} (line {lines[r]} of {path}), column {name!r}"
         if cell.lower() in _MISSING:
             return f"{where} is empty/NaN; fill or drop it"
         if not _is_number(cell):
@@ -264,7 +279,7 @@ def _features(
         if any(v.lower() in _MISSING or not _is_number(v) for v in column) or not all(
             math.isfinite(float(v)) for v in column
         ):
-            raise ValueError(_bad_cell(path, rows, lines, c, header[c]))
+            raise DataError(_bad_cell(path, rows, lines, c, header[c]))
     return np.array([[float(v) for v in row] for row in cells], dtype=np.float64)
 
 
@@ -276,38 +291,36 @@ def build_csv(cfg: DataConfig, *, seed: int) -> DataBundle:
     values; otherwise regression. String labels become class indices in sorted order.
 
     Raises:
-        ValueError: missing file, missing target column (with the columns), an empty/NaN or
-            non-numeric feature cell (with row and column), or too few rows for the splits.
+        DataError: missing or non-UTF-8 file, a ragged row, no header or no rows, missing
+            target column (with the columns), an empty/NaN or non-numeric feature cell (with
+            row and column), a single class, or too few rows for the splits.
     """
-    path = Path(cfg.path or "")
-    if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "not found"
-        raise ValueError(f"CSV file {what}: {path} (resolved: {path.resolve()}); fix data.path")
+    path = require_file(cfg.path or "", "CSV file")
     header, rows, lines = _read_rows(path)
     target = cfg.target or ""
     if target not in header:
-        raise ValueError(
-            f"target column {target!r} is not in {path.name}; columns: {', '.join(header)}"
+        raise DataError(
+            f"target column {target!r} is not in {path}; columns: {', '.join(header)}"
             f"{_hint(target, header)} (set data.target)"
         )
     split_sizes(
         len(rows),
         val_fraction=cfg.val_fraction,
         test_fraction=cfg.test_fraction,
-        what=f"data rows in {path.name}",
+        what=f"data rows in {path}",
     )
     t = header.index(target)
     cols = [i for i in range(len(header)) if i != t]
     if not cols:
-        raise ValueError(f"{path.name} has only the target column {target!r}; add feature columns")
+        raise DataError(f"{path} has only the target column {target!r}; add feature columns")
 
     x = _features(path, header, rows, lines, cols)
 
     raw_y = [row[t].strip() for row in rows]
     for r, v in enumerate(raw_y):
         if v.lower() in _MISSING or (_is_number(v) and not math.isfinite(float(v))):
-            raise ValueError(
-                f"row {r + 1} (line {lines[r]} of {path.name}), target column {target!r} is "
+            raise DataError(
+                f"row {r + 1} (line {lines[r]} of {path}), target column {target!r} is "
                 f"empty/NaN/infinite ({v!r}); fill or drop that row"
             )
     numeric = all(_is_number(v) for v in raw_y)
@@ -326,16 +339,21 @@ def build_csv(cfg: DataConfig, *, seed: int) -> DataBundle:
     if task == "classification":
         labels: np.ndarray = np.array([float(v) for v in raw_y]) if numeric else np.array(raw_y)
         if numeric and not np.all(np.mod(labels, 1) == 0):
-            raise ValueError(
-                f"target column {target!r} of {path.name} holds non-integer numbers, so "
+            raise DataError(
+                f"target column {target!r} of {path} holds non-integer numbers, so "
                 "data.task=classification does not apply; set data.task=regression or auto"
             )
         y, class_names = _encode_classes(labels)
+        if len(class_names) < 2:
+            raise DataError(
+                f"target column {target!r} of {path} holds one class ({class_names[0]!r}); "
+                "classification needs at least two (check data.target)"
+            )
     else:
         bad = next((r for r, v in enumerate(raw_y) if not _is_number(v)), None)
         if bad is not None:
-            raise ValueError(
-                f"row {bad + 1} (line {lines[bad]} of {path.name}), target column {target!r} "
+            raise DataError(
+                f"row {bad + 1} (line {lines[bad]} of {path}), target column {target!r} "
                 f"has the non-numeric value {raw_y[bad]!r}; regression needs numbers (use "
                 "data.task=classification for labels)"
             )
@@ -348,5 +366,5 @@ def build_csv(cfg: DataConfig, *, seed: int) -> DataBundle:
         feature_names=[header[c] for c in cols],
         cfg=cfg,
         seed=seed,
-        source=f"csv:{path.name}",
+        source=f"csv:{path}",
     )

@@ -24,7 +24,9 @@ import torch
 
 from kiln.config import DataConfig
 from kiln.data.base import ArrayDataset, DataBundle, DataInfo
+from kiln.data.files import read_utf8
 from kiln.data.splits import split_sizes
+from kiln.errors import DataError
 
 __all__ = ["build_text", "decode", "encode", "windows"]
 
@@ -33,13 +35,13 @@ def encode(text: str, vocab: str) -> torch.Tensor:
     """Character ids (int64) of ``text`` under ``vocab`` (id = position in ``vocab``).
 
     Raises:
-        ValueError: ``text`` has a character that is not in ``vocab``.
+        DataError: ``text`` has a character that is not in ``vocab``.
     """
     index = {ch: i for i, ch in enumerate(vocab)}
     try:
         return torch.tensor([index[ch] for ch in text], dtype=torch.int64)
     except KeyError as exc:
-        raise ValueError(
+        raise DataError(
             f"character {exc.args[0]!r} is not in the vocabulary of {len(vocab)} characters; "
             "use only characters that occur in the training corpus"
         ) from None
@@ -63,7 +65,7 @@ def windows(ids: torch.Tensor, block_size: int, stride: int) -> ArrayDataset:
         ([[0, 1, 2], [2, 3, 4]], [[1, 2, 3], [3, 4, 5]])
     """
     if len(ids) < block_size + 1:
-        raise ValueError(f"{len(ids)} ids are too few for one window of {block_size} + 1")
+        raise DataError(f"{len(ids)} ids are too few for one window of {block_size} + 1")
     return ArrayDataset(
         ids[:-1].unfold(0, block_size, stride), ids[1:].unfold(0, block_size, stride)
     )
@@ -82,24 +84,16 @@ def build_text(cfg: DataConfig, *, seed: int) -> DataBundle:
         is ``lm``, ``info.vocab_size`` the number of distinct characters.
 
     Raises:
-        ValueError: missing or non-UTF-8 file, a ``task`` other than ``auto``, or a text too
+        DataError: missing or non-UTF-8 file, a ``task`` other than ``auto``, or a text too
             short to give every split at least one window.
     """
     del seed
     if cfg.task != "auto":
-        raise ValueError(
+        raise DataError(
             f"text data is next-character prediction; set data.task=auto, not {cfg.task}"
         )
     path = Path(cfg.path or "")
-    if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "not found"
-        raise ValueError(f"text file {what}: {path} (resolved: {path.resolve()}); fix data.path")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(
-            f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); re-save it as UTF-8"
-        ) from None
+    text = read_utf8(path, "text file")
     block = cfg.text.block_size
     stride = cfg.text.stride or block
     vocab = "".join(sorted(set(text)))
@@ -113,7 +107,7 @@ def build_text(cfg: DataConfig, *, seed: int) -> DataBundle:
     )
     for split, n in zip(("train", "val", "test"), sizes, strict=True):
         if 0 < n < block + 1 or (split == "train" and n < block + 1):
-            raise ValueError(
+            raise DataError(
                 f"{path.name} has {len(ids)} characters; its {split} split gets {n}, fewer than "
                 f"one window needs (block_size + 1 = {block + 1}); use a longer text, a smaller "
                 "data.text.block_size, or lower that split's fraction (0 turns it off)"

@@ -32,8 +32,10 @@ import torch
 
 from kiln.config import DataConfig
 from kiln.data.base import ArrayDataset, DataBundle, DataInfo
+from kiln.data.files import read_utf8
 from kiln.data.splits import limit_per_class, split_indices
 from kiln.data.topics_corpus import topic_sentences
+from kiln.errors import DataError
 
 __all__ = ["build_topics", "read_tsv"]
 
@@ -54,7 +56,7 @@ def read_tsv(path: str | Path) -> list[tuple[str, str]]:
         ``(label, text)`` pairs in file order, both stripped of surrounding whitespace.
 
     Raises:
-        ValueError: missing or non-UTF-8 file, a line without a tab or with an empty label or
+        DataError: missing or non-UTF-8 file, a line without a tab or with an empty label or
             text (the message names the line number), or a file without examples.
 
     Example:
@@ -66,15 +68,7 @@ def read_tsv(path: str | Path) -> list[tuple[str, str]]:
         >>> os.unlink(f.name)
     """
     file = Path(path)
-    if not file.is_file():
-        what = "is a folder, not a file" if file.is_dir() else "not found"
-        raise ValueError(f"TSV file {what}: {file} (resolved: {file.resolve()}); fix data.path")
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise ValueError(
-            f"{file} is not UTF-8 text (byte {exc.start}: {exc.reason}); re-save it as UTF-8"
-        ) from None
+    lines = read_utf8(file, "TSV file").splitlines()
     rows: list[tuple[str, str]] = []
     for lineno, line in enumerate(lines, start=1):
         if not line.strip() or line.lstrip().startswith("#"):
@@ -82,13 +76,13 @@ def read_tsv(path: str | Path) -> list[tuple[str, str]]:
         label, tab, text = line.partition("\t")
         if not tab or not label.strip() or not text.strip():
             problem = "has no tab" if not tab else "has an empty label or text"
-            raise ValueError(
+            raise DataError(
                 f"{file}, line {lineno}: {problem}: {line[:80]!r}; each line must be "
                 "'label<TAB>text' (blank lines and lines starting with # are skipped)"
             )
         rows.append((label.strip(), text.strip()))
     if not rows:
-        raise ValueError(f"{file} has no examples; write one 'label<TAB>text' per line")
+        raise DataError(f"{file} has no examples; write one 'label<TAB>text' per line")
     return rows
 
 
@@ -127,7 +121,7 @@ def build_topics(
         ``vocab_size`` (the tokenizer's) and ``extra["pad_id"]``.
 
     Raises:
-        ValueError: a ``task`` other than auto/classification, a bad TSV file, fewer than two
+        DataError: a ``task`` other than auto/classification, a bad TSV file, fewer than two
             classes, or too few examples for the splits.
         ImportError: the packaged tokenizer is asked for but not installed.
 
@@ -139,7 +133,7 @@ def build_topics(
     from kiln.models.text_encoder import encode_texts, load_tokenizer, pad_id_of
 
     if cfg.task not in ("auto", "classification"):
-        raise ValueError(f"topics data is text classification; set data.task=auto, not {cfg.task}")
+        raise DataError(f"topics data is text classification; set data.task=auto, not {cfg.task}")
     per_class = _option(train_per_class, cfg, "train_per_class", None)
     length = int(_option(max_len, cfg, "max_tokens", DEFAULT_MAX_LEN))
     tok_path = _option(tokenizer_path, cfg, "tokenizer", None)
@@ -147,7 +141,7 @@ def build_topics(
 
     class_names = sorted({label for label, _ in rows})
     if len(class_names) < 2:
-        raise ValueError(
+        raise DataError(
             f"classification needs at least 2 classes; {cfg.path or 'the corpus'} has {class_names}"
         )
     index = {name: i for i, name in enumerate(class_names)}
