@@ -117,6 +117,23 @@ def test_small_aliases_still_work(tmp_path: Path) -> None:
     assert load_config(ok).model.kwargs == {"hidden": [16, 16]}
 
 
+def test_alias_expansion_is_counted_while_composing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kiln import config_yaml
+
+    with pytest.raises(config_yaml.YamlLimitError, match="expands to more than"):
+        config_yaml.load_text(BOMB, "bomb")
+    monkeypatch.setattr(config_yaml, "MAX_NODES", 300)
+    # Exactly at the limit is fine: 1 root + 1 key + 1 list node + 297 scalars.
+    assert len(config_yaml.load_text("k: [" + ",".join(["1"] * 297) + "]", "x")["k"]) == 297
+    with pytest.raises(config_yaml.YamlLimitError):
+        config_yaml.load_text("k: [" + ",".join(["1"] * 298) + "]", "x")
+    # Each alias counts as its whole node (3 values): 7 + 97 * 3 = 298 fits, 7 + 98 * 3 does not.
+    aliased = "k: &a [1, 2]\nv: [{}]"
+    assert config_yaml.load_text(aliased.format(",".join(["*a"] * 97)), "x")
+    with pytest.raises(config_yaml.YamlLimitError):
+        config_yaml.load_text(aliased.format(",".join(["*a"] * 98)), "x")
+
+
 def test_alias_cycle_is_refused(tmp_path: Path) -> None:
     assert "cycle" in _refused(_write(tmp_path, "c.yaml", "model: {kwargs: &x {a: [*x]}}\n"))
 
@@ -201,6 +218,17 @@ def test_cli_dev_zero_fifo_and_empty_file(tmp_path: Path) -> None:
 )
 def test_out_of_range_and_bad_names_are_refused(override: str, expected: str) -> None:
     assert expected in _refused(None, [override])
+
+
+def test_numbers_inside_free_form_values_are_checked() -> None:
+    assert "model.kwargs: inf is not a finite" in _refused(None, ["model.kwargs.w=[1, .inf]"])
+    assert "does not fit in a 64-bit" in _refused(None, ["model.kwargs.w={a: 9223372036854775808}"])
+    assert load_config(None, ["model.kwargs.w=9223372036854775807"]).model.kwargs["w"] == 2**63 - 1
+
+
+def test_seed_fits_numpy_and_scikit_learn() -> None:
+    assert "seed: Input should be less than or equal" in _refused(None, ["seed=4294967296"])
+    assert "data.split_seed: Input should be greater" in _refused(None, ["data.split_seed=-1"])
 
 
 def test_override_alias_bomb_is_refused() -> None:
