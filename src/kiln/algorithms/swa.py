@@ -112,10 +112,25 @@ class SWA:
         }
 
     def load_state_dict(self, state: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+        """Restore :meth:`state_dict`; once SWALR has started, its LR goes back into ``optimizer``.
+
+        Building SWALR steps it once (an LR computed from whatever the optimizer holds now, e.g.
+        the main schedule's LR that its own ``load_state_dict`` just wrote), so the saved LR
+        must be written back for the next update to use the LR of the interrupted run.
+        """
         self.averaged.load_state_dict(state["averaged"])
         if state["scheduler"] is not None:
             self.scheduler = self._make_scheduler(optimizer)
             self.scheduler.load_state_dict(state["scheduler"])
+            _write_lrs(optimizer, self.scheduler.get_last_lr())
+
+
+def _write_lrs(optimizer: torch.optim.Optimizer, lrs: list[float]) -> None:
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)  # a tensor LR (capturable/fused optimizers) keeps its identity
+        else:
+            group["lr"] = float(lr)
 
 
 @torch.no_grad()

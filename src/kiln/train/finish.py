@@ -69,6 +69,7 @@ def finish(self: Trainer) -> FitResult:
             "best_checkpoint": str(best_file) if best_file else None,
             "weights": final_kind(self),
             "stopped": self._stop_reason,
+            "resumed_from_step": self.resumed_from,  # one entry per resume, in order
         }
         if hasattr(self.loss_fn, "task_weights"):
             summary["task_weights"] = self.loss_fn.task_weights()

@@ -53,6 +53,8 @@ def capture(trainer: Trainer, step: int) -> dict[str, Any]:
         "best": dict(trainer.best),
         "world_size": trainer.engine.world.size,
         "config": trainer.cfg.model_dump(mode="json"),
+        # Where earlier processes of this run resumed (outside "loop": it is history, not state).
+        "resumed_from": list(trainer.resumed_from),
     }
     with state.outside_model(trainer.optimizer) as extra:
         if sharded(trainer):
@@ -66,8 +68,9 @@ def capture(trainer: Trainer, step: int) -> dict[str, Any]:
     return out
 
 
-def restore(trainer: Trainer, path: Path) -> None:
-    """Load a checkpoint file (and its shard folder, if any) into ``trainer``."""
+def restore(trainer: Trainer, path: Path) -> dict[str, Any]:
+    """Load a checkpoint file (and its shard folder, if any) into ``trainer``; return the file's
+    dict (its ``loop`` counters and ``resumed_from`` history, for the caller's bookkeeping)."""
     saved = load_checkpoint(path, map_location="cpu")
     model = trainer.engine.model
     assert model is not None
@@ -99,6 +102,7 @@ def restore(trainer: Trainer, path: Path) -> None:
     trainer.tech.load_state_dict(saved.get("techniques", {}), trainer.optimizer)
     if isinstance(trainer.loss_fn, nn.Module) and saved.get("loss") is not None:
         trainer.loss_fn.load_state_dict(saved["loss"])
+    return saved
 
 
 def best_weights(trainer: Trainer, best_file: Path | None) -> nn.Module | None:

@@ -60,6 +60,7 @@ from kiln.train.metrics import build_metrics
 from kiln.train.microbatch import forward_backward_or_shrink
 from kiln.train.optim import build_optimizer, build_scheduler
 from kiln.train.reproducibility import seed_everything, set_deterministic
+from kiln.train.resume import completed_message, completed_result, resume_record
 from kiln.train.signals import stop_on_signals
 from kiln.train.techniques import Techniques, check_techniques
 
@@ -113,6 +114,9 @@ class Trainer:
         self._group: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self._group_rng: tuple[torch.Tensor, list[torch.Tensor] | None] | None = None
         self._group_losses = 0
+        self.resumed_from: list[int] = []  # the step each resume of this run started at
+        self._resume_record: dict[str, Any] | None = None  # metrics.jsonl line of this resume
+        self.complete: str | None = None  # why a resumed run has nothing left to do
         self._setup(model, data, run_dir)
 
     # ------------------------------------------------------------------ setup
@@ -223,8 +227,8 @@ class Trainer:
             # A worker group restarted by torchrun continues from its last checkpoint.
             resume = resolve_checkpoint(self.run_dir)
         if resume is not None:  # before writing anything: a failed resume changes no file
-            snapshots.restore(self, resume)
-        if self.is_zero:
+            self._resume_from(resume, elastic=restarted)
+        if self.is_zero and self.complete is None:  # a complete run's files stay as they are
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if not resume_policy.record(self.run_dir, self._resume_plan, self.step):
                 build.write_run_files(self.run_dir, cfg, info)  # a resume keeps config.yaml
@@ -235,6 +239,15 @@ class Trainer:
             keep_best=cfg.checkpoint.keep_best,
             mode=self.mode,
         )
+
+    def _resume_from(self, path: Path, *, elastic: bool) -> None:
+        saved = snapshots.restore(self, path)
+        loop = saved["loop"]
+        done = completed_message(self.cfg, self.run_dir, loop, self.total_steps)
+        self.complete = distributed.broadcast_object(done)  # rank 0 read summary.json
+        self.resumed_from = [*saved.get("resumed_from", []), self.step]
+        world = self.engine.world.size
+        self._resume_record = resume_record(loop, path, world, elastic)
 
     # ------------------------------------------------------------------ state
 
@@ -272,9 +285,15 @@ class Trainer:
     def fit(self) -> FitResult:
         """Train, validate, checkpoint; return the best metrics and the test metrics."""
         cfg = self.cfg
+        if self.complete is not None:  # resumed a finished run: say so, write nothing
+            if self.engine.owns_group:
+                self.engine.close()
+            return completed_result(self)  # prints self.complete (rank 0, verbose)
         self.logger = MetricsLogger(
             self.run_dir, tensorboard=cfg.log.tensorboard, enabled=self.is_zero
         )
+        if self._resume_record is not None:  # where this process starts, before any update
+            self.logger.log(self._resume_record, step=self.step)
         shown = cfg.log.progress if self.is_zero else False
         progress = Progress(self.total_steps, enabled=shown, initial=self.step)
         try:

@@ -1,0 +1,109 @@
+"""What a resumed run records about where it started, and whether it has anything left to do.
+
+* :func:`resume_record`: the ``{"event": "resumed", ...}`` line a resumed process writes to
+  ``metrics.jsonl`` first, so a reader (and a test) sees the step, epoch and batch it continued
+  from, and can count the updates done after it.
+* :func:`completed_message`: a run whose checkpoint is its final one (``summary.json`` was written
+  from it) and that has no epochs or steps left, or that stopped early, is complete; resuming it
+  says so and changes nothing instead of training again or appending a duplicate test line.
+* :func:`completed_result`: the :class:`~kiln.train.finish.FitResult` of such a run, read back
+  from its ``summary.json``.
+
+Example:
+    >>> rec = resume_record({"epoch": 1, "batch": 3, "step": 16}, Path("step-16.ckpt"), 2, False)
+    >>> rec["event"], rec["epoch"], rec["batch"], rec["checkpoint"]
+    ('resumed', 1, 3, 'step-16.ckpt')
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kiln.config import Config
+from kiln.train.finish import FitResult
+
+if TYPE_CHECKING:
+    from kiln.train.trainer import Trainer
+
+__all__ = ["completed_message", "completed_result", "read_summary", "resume_record"]
+
+
+def resume_record(loop: dict[str, Any], checkpoint: Path, world_size: int, elastic: bool) -> dict:
+    """The ``metrics.jsonl`` record of a resume (logged at the checkpoint's step).
+
+    ``epoch`` counts the epochs finished before the checkpoint (as the epoch records do) and
+    ``batch`` the batches of the next epoch already trained on.
+    """
+    return {
+        "event": "resumed",
+        "epoch": int(loop["epoch"]),
+        "batch": int(loop["batch"]),
+        "checkpoint": checkpoint.name,
+        "world_size": world_size,
+        "elastic": elastic,  # torchrun restarted the worker group; no resume= was given
+    }
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """``run_dir/summary.json``, or None when it is missing or unreadable."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def completed_message(
+    cfg: Config, run_dir: Path, loop: dict[str, Any], total_steps: int
+) -> str | None:
+    """Why resuming from ``loop`` (a checkpoint's counters) has nothing to do, or None.
+
+    Complete means: ``summary.json`` was written at this checkpoint's step (the fit ended here),
+    and either no update is left under ``cfg`` or the run stopped early and early stopping is
+    still on. A larger ``train.epochs`` / ``train.max_steps`` makes a finished run resumable.
+    """
+    summary = read_summary(run_dir)
+    step, epoch = int(loop["step"]), int(loop["epoch"])
+    if summary is None or summary.get("steps") != step:
+        return None  # the fit did not end at this checkpoint: there is work left
+    stopped = summary.get("stopped")
+    if stopped and cfg.early_stop.enabled:
+        return (
+            f"run {run_dir} already stopped early at epoch {epoch}, step {step} ({stopped}); "
+            "nothing to do. To train on regardless, resume with early_stop.enabled=false"
+        )
+    # The same test as the Trainer's loop: is another update due?
+    left = step < total_steps and (cfg.train.max_steps or epoch < cfg.train.epochs)
+    if left:
+        return None
+    if cfg.train.max_steps:
+        longer = f"train.max_steps=N (N > {cfg.train.max_steps})"
+    else:
+        longer = f"train.epochs=N (N > {cfg.train.epochs})"
+    return (
+        f"run {run_dir} is already complete ({epoch} epochs, {step} steps); nothing to do. "
+        f"To train longer, resume with {longer}"
+    )
+
+
+def completed_result(trainer: Trainer) -> FitResult:
+    """Print why there is nothing to do; the stored result (``summary.json``; nothing written)."""
+    if trainer.verbose and trainer.is_zero:
+        print(trainer.complete, flush=True)
+    summary = read_summary(trainer.run_dir) or {}
+
+    def numbers(d: Any) -> dict[str, float]:
+        items = d.items() if isinstance(d, dict) else ()
+        return {k: v for k, v in items if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    best = summary.get("best_checkpoint")
+    return FitResult(
+        trainer.run_dir,
+        int(summary.get("steps", trainer.step)),
+        val=numbers(summary.get("val")),
+        test=numbers(summary.get("test")),
+        best_checkpoint=Path(best) if best else None,
+        stopped=summary.get("stopped"),
+    )
