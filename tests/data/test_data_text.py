@@ -87,5 +87,8 @@ def test_file_errors(tmp_path: Path) -> None:
         build_data(_cfg(tmp_path / "missing.txt"), seed=0)
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("café ".encode("latin-1") * 100)
-    with pytest.raises(ValueError, match=r"is not UTF-8 text .* re-save it as UTF-8"):
+    with pytest.raises(
+        ValueError,
+        match=r"latin1\.txt is not UTF-8 text: byte 3 \(line 1\) is 0xe9 .* re-save it as UTF-8",
+    ):
         build_data(_cfg(bad), seed=0)
