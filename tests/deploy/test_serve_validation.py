@@ -7,6 +7,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -17,7 +18,7 @@ from bad_inputs import BAD_INPUT_PARAMS, INPUT_SHAPE
 
 from kiln.deploy.serve_inputs import RequestError, parse_inputs
 from kiln.deploy.serve_validate import InputError, decode_json
-from kiln.deploy.torchserve import handler_source
+from kiln.deploy.torchserve import handler_source, validation_source
 
 
 def _strict_json(text: str) -> Any:
@@ -29,21 +30,33 @@ def _strict_json(text: str) -> Any:
     return json.loads(text, parse_constant=refuse)
 
 
-@pytest.fixture(scope="module")
-def handler(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
-    """The generated handler, imported from its file, with a small model in place of the .pt2."""
-    folder = tmp_path_factory.mktemp("handler")
-    path = folder / "handler.py"
-    path.write_text(
+def _write_handler(folder: Path) -> None:
+    """What the archive holds of the handler: ``handler.py`` and its ``serve_validate.py``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "handler.py").write_text(
         handler_source(
             model_file="model.pt2", input_shape=INPUT_SHAPE, task="classification", class_names=None
         )
     )
-    spec = importlib.util.spec_from_file_location("kiln_generated_handler", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    (folder / "serve_validate.py").write_text(validation_source())
+
+
+@pytest.fixture(scope="module")
+def handler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
+    """The generated handler, imported from its folder, with a small model in place of the .pt2."""
+    folder = tmp_path_factory.mktemp("handler")
+    _write_handler(folder)
+    sys.path.insert(0, str(folder))  # as TorchServe does with the model folder
+    try:
+        path = folder / "handler.py"
+        spec = importlib.util.spec_from_file_location("kiln_generated_handler", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(folder))
+        sys.modules.pop("serve_validate", None)
 
 
 class _Context:
@@ -94,21 +107,21 @@ def test_handler_refuses_alike_without_failing_the_batch(
         assert len(probs) == 10 and abs(sum(probs) - 1) < 1e-5
 
 
-def test_handler_embeds_the_shared_rules_and_imports_only_torch(tmp_path: Path) -> None:
-    """The embedded copy is the module's source; the handler imports no kiln (isolated run)."""
-    src = handler_source(
-        model_file="model.pt2", input_shape=INPUT_SHAPE, task="classification", class_names=None
-    )
+def test_handler_packs_the_shared_rules_and_imports_only_torch(tmp_path: Path) -> None:
+    """The packed copy is the module's source; the handler module defines one class (TorchServe
+    refuses more) and imports no kiln (checked in an isolated interpreter)."""
     import kiln.deploy.serve_validate as shared
 
-    assert Path(shared.__file__).read_text().strip() in src
-    (tmp_path / "handler.py").write_text(src)
+    assert validation_source() == Path(shared.__file__).read_text()
+    _write_handler(tmp_path)
     code = (
-        "import sys\n"
+        "import inspect, sys\n"
         "sys.path = [p for p in sys.path if not p.rstrip('/').endswith('src')]\n"
         "sys.path.insert(0, sys.argv[1])\n"
         "import handler\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'kiln'))\n"
+        "own = [n for n, c in inspect.getmembers(handler, inspect.isclass)\n"
+        "       if c.__module__ == handler.__name__]\n"
+        "print(own, sorted(m for m in sys.modules if m.split('.')[0] == 'kiln'))\n"
     )
     proc = subprocess.run(
         [sys.executable, "-I", "-c", code, str(tmp_path)],
@@ -118,4 +131,4 @@ def test_handler_embeds_the_shared_rules_and_imports_only_torch(tmp_path: Path) 
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    assert proc.stdout.strip().splitlines()[-1] == "['KilnHandler'] []"

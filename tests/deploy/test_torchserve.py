@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import zipfile
@@ -24,7 +25,7 @@ from kiln.deploy.torchserve import (
     export_torchserve,
     model_name_for,
 )
-from kiln.deploy.torchserve_run import launch_torchserve
+from kiln.deploy.torchserve_run import config_properties, free_ports, launch_torchserve
 from kiln.train.build import read_data_info
 from kiln.train.weights import load_model
 
@@ -66,6 +67,7 @@ def test_archive_holds_model_handler_and_manifest(
     assert exported.model_name == "tiny" and exported.model_store == exported.archive.parent
     names = set(zipfile.ZipFile(exported.archive).namelist())
     assert {"model.pt2", "handler.py", "model-config.yaml", "manifest.json"} <= names
+    assert "serve_validate.py" in names  # the shared validation rules the handler imports
     assert "MAR-INF/MANIFEST.json" in names
     manifest = json.loads((exported.handler.parent / "manifest.json").read_text())
     assert manifest["format"] == "exported" and manifest["parity_ok"] is True
@@ -132,6 +134,18 @@ def test_missing_archiver_says_how_to_install(
         export_torchserve([run_dir], out=tmp_path)
 
 
+def test_config_properties_moves_grpc_off_the_defaults() -> None:
+    """gRPC gets free ports too: two TorchServes (or anything on 7070/7071) can run side by side."""
+    ports = free_ports("127.0.0.1", 5)
+    assert len(set(ports)) == 5
+    urls, text = config_properties("127.0.0.1", ports)
+    assert urls == [f"http://127.0.0.1:{p}" for p in ports[:3]]
+    assert f"grpc_inference_port={ports[3]}\n" in text
+    assert f"grpc_management_port={ports[4]}\n" in text
+    with pytest.raises(ValueError, match="5 distinct ports"):
+        config_properties("127.0.0.1", [1, 1, 2, 3, 4])
+
+
 def _post(port: int, path: str, body: Any) -> tuple[int, Any]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
@@ -157,7 +171,23 @@ def test_real_torchserve_answers_like_the_eager_model(
     x = torch.randn(24, 64)
     want = _expected(run_dir, x)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ts = launch_torchserve(exported.archive, tmp_path / "ts", env=env)
+    # Hold TorchServe's default gRPC ports: the launch must not need them (free ports instead).
+    held = []
+    for default in (7070, 7071):
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", default))
+            s.listen(1)
+            held.append(s)
+        except OSError:
+            s.close()  # already taken by something else: the same test
+    try:
+        ts = launch_torchserve(exported.archive, tmp_path / "ts", env=env)
+    finally:
+        for s in held:
+            s.close()
+    config = (tmp_path / "ts" / "config.properties").read_text()
+    assert "grpc_inference_port=" in config and "grpc_management_port=" in config
     try:
         port = int(ts.url.rsplit(":", 1)[1])
         path = f"/predictions/{exported.model_name}"
@@ -174,6 +204,15 @@ def test_real_torchserve_answers_like_the_eager_model(
         _assert_same(body["outputs"], want[16:])
         status, body = _post(port, path, {"inputs": [1.0, 2.0]})
         assert status == 422 and "expected [64]" in body["error"]
+        for bad in (b'{"inputs": [1e39' + b", 0" * 63 + b"]}", b'{"inputs": [1' + b"0" * 400):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            try:
+                conn.request("POST", path, body=bad + (b"" if bad.endswith(b"}") else b"]}"))
+                resp = conn.getresponse()
+                status, answer = resp.status, resp.read()
+            finally:
+                conn.close()
+            assert status == 422, answer
     finally:
         ts.stop()
     with pytest.raises(ProcessLookupError):

@@ -11,12 +11,13 @@ against the eager model, ``manifest.json`` written), then writes next to it:
   and answers each request with ``{"outputs": [...]}``, one entry per example, exactly as
   ``kiln serve`` does (:func:`kiln.deploy.serve_inputs.format_outputs`). A request with bad
   inputs gets the status ``kiln serve`` gives it (400 or 422) and ``{"error": ...}`` without
-  failing the others in its batch: the handler embeds the source of
-  :mod:`kiln.deploy.serve_validate`, the one set of validation rules both servers use.
+  failing the others in its batch.
+* ``serve_validate.py``: a copy of :mod:`kiln.deploy.serve_validate` (standard library only),
+  the one set of validation rules both servers use; the handler imports it.
 * ``model-config.yaml``: TorchServe's per-model settings (batch size, batch delay, one worker).
 * ``model-store/NAME.mar``: the archive, made by ``torch-model-archiver`` (run as
-  ``python -m model_archiver.model_packaging``, its console entry point), holding the three
-  files above plus ``manifest.json``.
+  ``python -m model_archiver.model_packaging``, its console entry point), holding the files
+  above plus ``manifest.json``.
 
 TorchServe itself (Java 17, ``pip install torchserve``) is only needed to serve the archive;
 :func:`start_commands` prints how, and :func:`kiln.deploy.torchserve_run.launch_torchserve`
@@ -52,10 +53,12 @@ __all__ = [
     "handler_source",
     "model_name_for",
     "start_commands",
+    "validation_source",
 ]
 
 ARCHIVER_HINT = "pip install torch-model-archiver torchserve (serving also needs Java 17)"
 HANDLER = "handler.py"
+VALIDATION = "serve_validate.py"
 MODEL_CONFIG = "model-config.yaml"
 STORE = "model-store"
 
@@ -71,14 +74,15 @@ import os
 
 import torch
 
+# The validation rules of `kiln serve`: a copy of kiln/deploy/serve_validate.py (standard
+# library only), packed beside this file; TorchServe puts the model folder on sys.path. Kept out
+# of this file because TorchServe wants exactly one class defined in the handler module.
+from serve_validate import InputError, check_inputs, decode_json
+
 MODEL_FILE = {model_file!r}
 INPUT_SHAPE = {input_shape!r}
 TASK = {task!r}
 CLASS_NAMES = {class_names!r}
-
-# ---- the validation rules of `kiln serve`, copied from kiln/deploy/serve_validate.py ----
-{validation}
-# ---- end of the copy ----
 
 
 def _parse(request):
@@ -187,14 +191,19 @@ def model_name_for(run: str | Path) -> str:
     return name or "model"
 
 
-def _validation_source() -> str:
-    """The source of :mod:`kiln.deploy.serve_validate` (stdlib only), to embed in the handler."""
+def validation_source() -> str:
+    """The source of :mod:`kiln.deploy.serve_validate`, packed beside the handler as ``VALIDATION``.
+
+    Example:
+        >>> "def check_inputs(" in validation_source()
+        True
+    """
     from kiln.deploy import serve_validate
 
     source = Path(serve_validate.__file__).read_text()
-    if re.search(r"^(import kiln|from kiln|from __future__)", source, re.MULTILINE):
-        raise AssertionError("serve_validate.py must stay stdlib-only to be embedded")
-    return source.strip()
+    if re.search(r"^\s*(import kiln|from kiln)", source, re.MULTILINE):
+        raise AssertionError("serve_validate.py must stay stdlib-only: the handler packs it")
+    return source
 
 
 def handler_source(
@@ -211,7 +220,6 @@ def handler_source(
     if task not in ("classification", "regression"):
         raise ValueError(f"serving {task!r} models is not yet supported")
     return _HANDLER_TEMPLATE.format(
-        validation=_validation_source(),
         model_file=model_file,
         input_shape=tuple(int(d) for d in input_shape),
         task=task,
@@ -343,10 +351,12 @@ def export_torchserve(
     result = export_runs(runs, format="exported", fuse=fuse, out=folder, trust_code=trust_code)
     handler = folder / HANDLER
     handler.write_text(source)
+    validation = folder / VALIDATION
+    validation.write_text(validation_source())
     config = folder / MODEL_CONFIG
     config.write_text(_model_config(batch_size, max_batch_delay_ms, response_timeout_s, workers))
     manifest_path = folder / MANIFEST
-    mar = _archive(folder, name, [result.path, handler, config, manifest_path])
+    mar = _archive(folder, name, [result.path, handler, config, manifest_path, validation])
     result.manifest["torchserve"] = {
         "archive": str(mar),
         "model_name": name,

@@ -1,7 +1,9 @@
 """Start and stop a real TorchServe serving a ``.mar`` made by :mod:`kiln.deploy.torchserve`.
 
-:func:`launch_torchserve` runs ``torchserve --foreground`` on three free ports (inference,
-management, metrics), writes its ``config.properties`` (token auth off, one worker per model) and
+:func:`launch_torchserve` runs ``torchserve --foreground`` on five free ports (inference,
+management and metrics over HTTP, and the gRPC inference and management ports, which TorchServe
+would otherwise open at 7070/7071, so two could not run side by side), writes its
+``config.properties`` (token auth off, one worker per model) and
 keeps everything it writes (logs, pid file, temp files) under one work folder, so several can run
 side by side and nothing is left in ``/tmp``. It waits until the management API reports the model
 ``READY`` and returns a :class:`TorchServeProcess`, whose :meth:`~TorchServeProcess.stop` signals
@@ -35,7 +37,7 @@ from pathlib import Path
 
 from kiln.deploy.torchserve import ARCHIVER_HINT
 
-__all__ = ["TorchServeProcess", "launch_torchserve"]
+__all__ = ["TorchServeProcess", "config_properties", "free_ports", "launch_torchserve"]
 
 
 def _free_port(host: str) -> int:
@@ -114,6 +116,47 @@ class TorchServeProcess:
         return self.proc.poll()
 
 
+def free_ports(host: str, n: int) -> list[int]:
+    """``n`` distinct ports that were free a moment ago (the OS picks them).
+
+    Example:
+        >>> len(set(free_ports("127.0.0.1", 5)))
+        5
+    """
+    ports: list[int] = []
+    while len(ports) < n:
+        port = _free_port(host)
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def config_properties(host: str, ports: list[int]) -> tuple[list[str], str]:
+    """TorchServe's ``config.properties`` on the given five ports, and its three HTTP URLs.
+
+    ``ports`` are: inference, management, metrics, gRPC inference, gRPC management. Token auth
+    is off and each model gets one worker.
+
+    Example:
+        >>> urls, text = config_properties("127.0.0.1", [8080, 8081, 8082, 9070, 9071])
+        >>> urls[0], "grpc_inference_port=9070" in text
+        ('http://127.0.0.1:8080', True)
+    """
+    if len(ports) != 5 or len(set(ports)) != 5:
+        raise ValueError(f"config_properties needs 5 distinct ports, got {ports}")
+    urls = [f"http://{host}:{p}" for p in ports[:3]]
+    text = (
+        f"inference_address={urls[0]}\n"
+        f"management_address={urls[1]}\n"
+        f"metrics_address={urls[2]}\n"
+        f"grpc_inference_port={ports[3]}\n"
+        f"grpc_management_port={ports[4]}\n"
+        "disable_token_authorization=true\n"
+        "default_workers_per_model=1\n"
+    )
+    return urls, text
+
+
 def launch_torchserve(
     archive: str | Path,
     workdir: str | Path,
@@ -159,16 +202,9 @@ def launch_torchserve(
     work = Path(workdir).resolve()
     (work / "logs").mkdir(parents=True, exist_ok=True)
     (work / "tmp").mkdir(exist_ok=True)
-    ports = [_free_port(host) for _ in range(3)]
-    urls = [f"http://{host}:{p}" for p in ports]
+    urls, text = config_properties(host, free_ports(host, 5))
     config = work / "config.properties"
-    config.write_text(
-        f"inference_address={urls[0]}\n"
-        f"management_address={urls[1]}\n"
-        f"metrics_address={urls[2]}\n"
-        "disable_token_authorization=true\n"
-        "default_workers_per_model=1\n"
-    )
+    config.write_text(text)
     name = mar.stem
     child_env = dict(os.environ if env is None else env)
     # TorchServe keeps its pid file in the temp dir and logs under LOG_LOCATION.
