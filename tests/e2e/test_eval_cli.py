@@ -15,6 +15,7 @@ from runners import ROOT, run_kiln
 from kiln.cli.eval import run_eval
 from kiln.config import load_config
 from kiln.train.build import build_data_for
+from kiln.train.checkpoint import load_checkpoint
 from kiln.train.trainer import Trainer
 from kiln.train.weights import load_model
 
@@ -91,7 +92,16 @@ def test_tta_flip_on_an_image_run(runs: dict[str, Path]) -> None:
     assert result["metrics"]["loss"] != pytest.approx(result["plain"]["loss"])
 
 
+def _moved(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``x`` moved by ``dy`` rows and ``dx`` columns, edge pixels repeated (by index clamping)."""
+    h, w = x.shape[-2:]
+    rows = (torch.arange(h) - dy).clamp(0, h - 1)
+    cols = (torch.arange(w) - dx).clamp(0, w - 1)
+    return x[..., rows, :][..., cols]
+
+
 def test_snapshot_vote_ensemble_with_tta(runs: dict[str, Path]) -> None:
+    """Each snapshot averages its five shift views, then the snapshots vote: checked by hand."""
     img = runs["img"]
     result = run_eval([str(img)], snapshots=2, vote=True, tta="shift")
     assert (img / "eval-test-snapshots-vote-tta.json").is_file()
@@ -99,7 +109,31 @@ def test_snapshot_vote_ensemble_with_tta(runs: dict[str, Path]) -> None:
     ckpts = sorted((img / "checkpoints").glob("step-*.ckpt"), key=lambda p: int(p.stem[5:]))
     assert names == [p.stem for p in ckpts[-2:]]
     assert result["mode"] == "vote" and result["tta"] == ["shift"] and result["snapshots"] == 2
-    assert 0.0 <= result["metrics"]["acc"] <= 1.0
+
+    x, y = _test_split(img)
+    views = [x, *(_moved(x, dy, dx) for dy, dx in ((0, 2), (0, -2), (2, 0), (-2, 0)))]
+    member_p = []
+    for ckpt in ckpts[-2:]:
+        model = load_model(img)
+        model.load_state_dict(load_checkpoint(ckpt)["model"])
+        with torch.no_grad():
+            member_p.append(torch.stack([model.eval()(v).softmax(-1) for v in views]).mean(0))
+    for member, p in zip(result["members"], member_p, strict=True):
+        assert member["metrics"]["acc"] == pytest.approx(float((p.argmax(-1) == y).float().mean()))
+        nll = -p.log().gather(1, y[:, None]).mean()
+        assert member["metrics"]["loss"] == pytest.approx(float(nll), rel=1e-4)
+    votes = sum(torch.nn.functional.one_hot(p.argmax(-1), p.shape[-1]).float() for p in member_p)
+    vote_p = (votes + 0.5 * torch.stack(member_p).mean(0)) / (len(member_p) + 0.5)
+    pred = vote_p.argmax(-1)
+    assert result["metrics"]["acc"] == pytest.approx(float((pred == y).float().mean()))
+    # The vote's loss is the cross-entropy of the vote distribution: with two members the
+    # majority's argmax equals the mean's, so the loss is what tells a vote from a mean.
+    nll = -vote_p.clamp_min(1e-12).log().gather(1, y[:, None]).mean()
+    assert result["metrics"]["loss"] == pytest.approx(float(nll), rel=1e-4)
+    classes = vote_p.shape[-1]
+    confusion = torch.zeros(classes, classes, dtype=torch.int64)
+    confusion.index_put_((y, pred), torch.ones_like(y), accumulate=True)
+    assert result["metrics"]["confusion_matrix"] == confusion.tolist()
 
 
 def test_bad_requests_say_what_to_do(runs: dict[str, Path], tmp_path: Path) -> None:
