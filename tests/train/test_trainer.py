@@ -120,7 +120,7 @@ def test_user_model_by_import_path_trains(make_cfg) -> None:
     )
     result = Trainer(cfg, verbose=False).fit()
     assert result.test["acc"] > 0.9
-    model = kiln.load_model(result.run_dir)
+    model = kiln.load_model(result.run_dir, trust_code=True)  # the run's own import path
     assert type(model).__name__ == "TinyNet" and not model.training
 
 
