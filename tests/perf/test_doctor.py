@@ -416,7 +416,8 @@ def test_each_mistake_is_found_where_it_is(name: str, request: pytest.FixtureReq
 
 
 def test_every_check_has_a_fixture() -> None:
-    simulated = {"pin-memory-off", "cudnn-benchmark-shapes"}  # GPU-only: simulated below
+    # GPU-only checks are simulated below; the host's load in test_doctor_threads.py.
+    simulated = {"pin-memory-off", "cudnn-benchmark-shapes", "threads-oversubscribed"}
     assert set(MISTAKES.values()) | simulated == set(ADVICE)
 
 
@@ -590,6 +591,7 @@ def test_gpu_item_is_a_warning_and_cudnn_shapes() -> None:
         "kiln.perf.doctor_checks",
         "kiln.perf.doctor_findings",
         "kiln.perf.doctor_sites",
+        "kiln.perf.doctor_threads",
         "kiln.doctor",
         "kiln.cli.doctor",
     ],

@@ -6,7 +6,8 @@ Engine), then runs :func:`kiln.perf.doctor.check` over a few steps of Kiln's own
 unscale -> clip -> step -> zero_grad) and an evaluation of the same batches, plus the static
 checks of the model, optimizer, loader and config. Each finding is printed with what, where,
 why, the fix and the measured cost; findings are advice, so the exit code is 0. Nothing is
-written: no run directory is created.
+written: no run directory is created. A Python script is not run: its loop is checked from
+inside it with :func:`kiln.doctor.check`, and the error message shows the two lines to add.
 
 Example:
     >>> from kiln.config import load_config
@@ -28,8 +29,22 @@ if TYPE_CHECKING:  # torch stays unimported until the verb runs (fast `kiln --he
     from kiln.perf.doctor_findings import Finding
 
 
+#: What ``kiln doctor SCRIPT.py`` answers: a script's loop is the user's own code, so it is
+#: checked from inside the script, where its model, loader and step exist.
+SCRIPT_HINT = (
+    "kiln doctor reads a YAML config or a run directory, not a Python script ({path}); check "
+    "the script's own loop from Python, after its model, loader and step function are built:\n"
+    "  from kiln.doctor import check\n"
+    "  print(*check(model, loader, step_fn, optimizer=optimizer), sep='\\n\\n')"
+)
+
+
 def load_job(args: list[str]) -> Config:
     """The config ``args`` name: a YAML file or a run directory's ``config.yaml``, + overrides.
+
+    Raises:
+        kiln.errors.UsageError: ``args`` names a Python script (the message shows how to check
+            it with :func:`kiln.doctor.check`).
 
     Example:
         >>> load_job(["train.epochs=2"]).train.epochs
@@ -37,8 +52,11 @@ def load_job(args: list[str]) -> Config:
     """
     from kiln.cli.train import split_args
     from kiln.config import load_config
+    from kiln.errors import UsageError
 
     path, overrides = split_args(args)
+    if path is not None and Path(path).suffix == ".py":
+        raise UsageError(SCRIPT_HINT.format(path=path))
     if path is not None and Path(path).is_dir():
         path = str(Path(path) / "config.yaml")
         if not Path(path).is_file():

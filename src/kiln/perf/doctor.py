@@ -4,10 +4,11 @@
 on the same batches, when given) and watches: module modes and grad mode at each forward,
 input and weight devices, gradients that survive an optimizer step, autograd graphs that
 outlive their step, host syncs and their ``file:line``, clipping while a GradScaler still
-scales, and time spent waiting for data. Static checks of the model, optimizer, loader and
-config complete it (:mod:`kiln.perf.doctor_checks`). Each mistake comes back as a
-:class:`~kiln.perf.doctor_findings.Finding`: what, where, why it matters, how to fix it and,
-when it can be measured, the cost.
+scales, and time spent waiting for data; before the steps it reads the host's load against
+torch's thread count (:mod:`kiln.perf.doctor_threads`). Static checks of the model,
+optimizer, loader and config complete it (:mod:`kiln.perf.doctor_checks`). Each mistake
+comes back as a :class:`~kiln.perf.doctor_findings.Finding`: what, where, why it matters, how
+to fix it and, when it can be measured, the cost.
 
 The steps are real and update the weights; the model's parameters, buffers and module modes,
 the given optimizer's and scaler's state, and the random generators are restored afterwards.
@@ -55,6 +56,7 @@ from kiln.perf.doctor_checks import (
 from kiln.perf.doctor_findings import Finding, finding, names, sort_findings
 from kiln.perf.doctor_probe import Probe
 from kiln.perf.doctor_sites import def_site, short_path
+from kiln.perf.doctor_threads import HostLoad, host_load, oversubscribed, thread_findings
 from kiln.train.reproducibility import rng_state, set_rng_state
 
 __all__ = ["Finding", "check"]
@@ -70,6 +72,7 @@ def check(
     scaler: torch.amp.GradScaler | None = None,
     steps: int = 3,
     config: Config | Mapping[str, Any] | None = None,
+    host: HostLoad | None = None,
 ) -> list[Finding]:
     """Run ``steps`` instrumented calls of ``step_fn`` (then ``eval_fn``) and report mistakes.
 
@@ -88,6 +91,9 @@ def check(
         steps: training steps to run (2 or more to see what carries over between steps).
         config: a kiln :class:`~kiln.config.Config` or a mapping of its keys (e.g.
             ``{"deterministic": True}``): what was asked, checked against what happens.
+        host: the host's cores, load and torch's threads (default: read before the steps,
+            :func:`~kiln.perf.doctor_threads.host_load`); more torch threads than the load
+            leaves cores for is reported as ``threads-oversubscribed``.
 
     Returns:
         The findings, errors first; an empty list when nothing was found.
@@ -112,6 +118,7 @@ def check(
         raise ValueError(f"steps must be >= 1 (the training steps to watch), got {steps}")
     cfg = config if config is None or isinstance(config, Config) else validate(dict(config))
     device = model_device(model)
+    host = host if host is not None else host_load()  # before our own steps add to the load
     saved = _Saved(model, optimizer, scaler)
     probe = Probe(model, optimizer, scaler)
     try:
@@ -132,6 +139,8 @@ def check(
                 where = f"{f.where}; forward at {probe.fp16_site}" if probe.fp16_site else f.where
                 f = replace(f, where=where, cost=_fp16_cost(model, probe.example))
             findings.append(f)
+        if oversubscribed(host):
+            findings += thread_findings(host, _threads_cost(model, probe.example, host))
     finally:
         saved.restore()
     findings += tensor_attribute_findings(model)
@@ -156,33 +165,60 @@ def _unfrozen_later(model: nn.Module, cfg: Config | None) -> set[str]:
     return set(matching_parameters(model, patterns))
 
 
-def _fp16_cost(model: nn.Module, example: tuple[Any, ...] | None) -> str | None:
-    """Forward + backward time under CPU fp16 autocast against fp32 (median of 5).
+def _timed_step(model: nn.Module, example: tuple[Any, ...], *, fp16: bool = False) -> float:
+    """Median seconds of 5 forward + backward passes after a warm-up.
 
     The backward uses ``torch.autograd.grad``, so no ``.grad`` is written.
+
+    Raises:
+        RuntimeError, TypeError, AttributeError: fp16 weights, or a non-tensor output.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    if example is None or not params:
+    times = []
+    for _ in range(6):  # the first is a warm-up
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+            out = model(*example)
+        torch.autograd.grad(out.float().sum(), params, allow_unused=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def _fp16_cost(model: nn.Module, example: tuple[Any, ...] | None) -> str | None:
+    """Forward + backward time under CPU fp16 autocast against fp32 (median of 5)."""
+    if example is None or not any(p.requires_grad for p in model.parameters()):
         return None
-
-    def timed(fp16: bool) -> float:
-        times = []
-        for _ in range(6):  # the first is a warm-up
-            t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
-                out = model(*example)
-            torch.autograd.grad(out.float().sum(), params, allow_unused=True)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times[1:])
-
     try:
-        slow, fast = timed(True), timed(False)
+        slow, fast = _timed_step(model, example, fp16=True), _timed_step(model, example)
     except (RuntimeError, TypeError, AttributeError):  # fp16 weights, or a non-tensor output
         return None
     ratio = slow / max(fast, 1e-9)
     return (
         f"forward + backward {slow * 1e3:.2f} ms in fp16 vs {fast * 1e3:.2f} ms in fp32 "
         f"({ratio:.1f}x)"
+    )
+
+
+def _threads_cost(model: nn.Module, example: tuple[Any, ...] | None, host: HostLoad) -> str | None:
+    """Forward + backward time with the host's torch threads against the suggested count."""
+    from kiln.perf.doctor_threads import suggested_threads
+
+    k = suggested_threads(host)
+    if example is None or not any(p.requires_grad for p in model.parameters()):
+        return None
+    was = torch.get_num_threads()
+    try:
+        times = {}
+        for n in (host.threads, k):
+            torch.set_num_threads(n)
+            times[n] = _timed_step(model, example)
+    except (RuntimeError, TypeError, AttributeError):  # a non-tensor output
+        return None
+    finally:
+        torch.set_num_threads(was)
+    return (
+        f"forward + backward {times[host.threads] * 1e3:.2f} ms with {host.threads} threads vs "
+        f"{times[k] * 1e3:.2f} ms with {k} ({times[host.threads] / max(times[k], 1e-9):.1f}x)"
     )
 
 

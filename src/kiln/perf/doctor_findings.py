@@ -197,6 +197,15 @@ ADVICE: dict[str, Advice] = {
         "scaler.update() (kiln.Engine.optimizer_step does unscale -> clip -> step)",
         "error",
     ),
+    "threads-oversubscribed": Advice(
+        "more torch threads than the cores other work leaves free",
+        "each parallel op waits for its slowest intra-op thread; when other processes keep "
+        "cores busy, that thread waits in the run queue and steps get many times slower "
+        "(40-80x measured on a shared two-core host) while nothing reports an error",
+        "torch.set_num_threads(k) at the start of the script, or OMP_NUM_THREADS=k in the "
+        "environment, with k = the cores left free (the finding gives it); on a dedicated "
+        "host, stop the other work instead",
+    ),
     "step-failed": Advice(
         "the step (or the evaluation) raised an exception",
         "the doctor could not run all steps; the other findings cover the steps before",

@@ -61,6 +61,9 @@ class Probe:
         self.fp16_site: str | None = None
         self.wrong_mode: dict[str, dict[str, str]] = {"train": {}, "eval": {}}
         self.mode_site: dict[str, str] = {}
+        # Where the model itself was last called: mode findings point here, at the call the
+        # user can fix (model.train()/model.eval() before it), not inside their forward.
+        self.call_site: str | None = None
         self.grad_eval_site: str | None = None
         self.eval_cost: str | None = None
         self.bn_changed: list[str] = []
@@ -241,6 +244,7 @@ class Probe:
                 )
 
     def _root(self, args: tuple[Any, ...]) -> None:
+        self.call_site = user_site()
         if self.phase == "train":
             if len(self.shapes) == self.step:
                 self.shapes.append(tuple(tuple(t.shape) for t in _tensors(args)))
@@ -252,7 +256,7 @@ class Probe:
             if fp16 and self.fp16_site is None:
                 self.fp16_site = user_site()
         elif self.grad_eval_site is None and torch.is_grad_enabled():
-            self.grad_eval_site = user_site()
+            self.grad_eval_site = self.call_site
 
     def _mode(self, module: nn.Module, name: str) -> None:
         if isinstance(module, _BatchNorm):
@@ -264,7 +268,7 @@ class Probe:
         wrong = module.training != (self.phase == "train")
         if wrong and name not in self.wrong_mode[self.phase]:
             self.wrong_mode[self.phase][name] = f"{name} ({type(module).__name__})"
-            self.mode_site.setdefault(self.phase, user_site())
+            self.mode_site.setdefault(self.phase, self.call_site or user_site())
 
     def _grad_hook(self, p: nn.Parameter) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:

@@ -26,7 +26,14 @@ __all__ = ["def_site", "in_torch", "short_path", "user_file", "user_site"]
 _TORCH_DIR = str(Path(torch.__file__).resolve().parent) + os.sep
 _STDLIB_DIR = str(Path(sysconfig.get_paths()["stdlib"]).resolve()) + os.sep
 # The doctor's own modules: their frames (hooks, patches, the step loop) are never the site.
-_DOCTOR_MODULES = ("doctor", "doctor_checks", "doctor_findings", "doctor_probe", "doctor_sites")
+_DOCTOR_MODULES = (
+    "doctor",
+    "doctor_checks",
+    "doctor_findings",
+    "doctor_probe",
+    "doctor_sites",
+    "doctor_threads",
+)
 _DOCTOR_FILES = {str(Path(__file__).resolve().parent / f"{m}.py") for m in _DOCTOR_MODULES}
 
 

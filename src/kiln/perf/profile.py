@@ -47,6 +47,7 @@ from torch import nn
 
 from kiln.config import Config
 from kiln.data.base import DataBundle
+from kiln.perf.doctor_threads import HostLoad, host_load, oversubscription_note
 from kiln.perf.measure import (
     OpRow,
     cpu_cores,
@@ -239,6 +240,7 @@ def profile_training(
     rows: int = 10,
     model: nn.Module | None = None,
     data: DataBundle | None = None,
+    host: HostLoad | None = None,
 ) -> ProfileResult:
     """Profile ``schedule.total`` optimizer updates of the job ``cfg`` describes.
 
@@ -252,9 +254,13 @@ def profile_training(
         rows: ops in each top table.
         model: a user's own ``nn.Module`` (as for :class:`~kiln.Trainer`).
         data: a user's own :class:`~kiln.DataBundle`.
+        host: the host's cores, load and torch's threads (default: read before training,
+            :func:`~kiln.perf.doctor_threads.host_load`); when torch's threads do not fit
+            beside the load, a note says so with the thread count to use.
 
     Returns:
-        The top ops by self time and by self memory of the last active cycle, and the paths.
+        The top ops by self time and by self memory of the last active cycle, the paths, and
+        notes (oversubscribed threads, several cycles).
 
     Example:
         >>> from kiln.config import load_config
@@ -267,6 +273,7 @@ def profile_training(
     from kiln.train.trainer import Trainer, TrainingInterrupted
 
     schedule = schedule or Schedule()
+    host = host if host is not None else host_load()  # before training adds to the load
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tb_dir, trace = out / "tb", out / "trace.json"
@@ -314,6 +321,9 @@ def profile_training(
     mem_key = "self_device_mem_bytes" if on_gpu else "self_cpu_mem_bytes"
     everything = op_rows(callback.profiler.key_averages(), sort_by=time_key, limit=10**9)
     notes = []
+    oversubscribed = oversubscription_note(host)
+    if oversubscribed is not None:  # slow ops in the tables would be the host's, not the model's
+        notes.append(oversubscribed)
     if schedule.repeat > 1:
         notes.append(f"tables and trace.json show the last of {schedule.repeat} cycles")
     return ProfileResult(
