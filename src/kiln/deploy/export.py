@@ -5,7 +5,10 @@ batch sizes (1 and 64 by default, so the dynamic batch dimension is exercised). 
 (largest absolute difference, and that difference relative to the largest reference output) is
 written to ``manifest.json`` next to the model, with the input and output specification, the
 torch and kiln versions, the source run(s) and the options. A difference beyond the tolerance
-raises :class:`ParityError` naming the batch size and the numbers.
+(``1e-5 + 1e-5 * max|output|`` for every format; the manifest records why it holds for the
+format, from :data:`TOLERANCE_WHY`) raises :class:`ParityError` naming the batch size and the
+numbers. A model ``torch.export`` cannot capture (``if x.sum() > 0:`` in ``forward``) raises a
+:class:`kiln.errors.ModelError` naming that line (:mod:`kiln.deploy.export_errors`).
 
 Formats:
 
@@ -19,7 +22,7 @@ Formats:
 
 Example:
     >>> result = export_runs(["runs/digits"], format="exported")   # doctest: +SKIP
-    >>> result.path.name, result.parity[1].max_abs < 1e-4           # doctest: +SKIP
+    >>> result.path.name, result.parity[1].max_abs < 1e-5           # doctest: +SKIP
     ('model.pt2', True)
 """
 
@@ -37,6 +40,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from kiln.deploy.export_errors import explain_export_failure, quiet_export
+from kiln.errors import ModelError, UsageError
+
 __all__ = [
     "FILES",
     "FORMATS",
@@ -52,13 +58,23 @@ __all__ = [
 FORMATS = ("torchscript", "exported", "onnx")
 FILES = {"torchscript": "model.ts", "exported": "model.pt2", "onnx": "model.onnx"}
 MANIFEST = "manifest.json"
-ATOL = 1e-4  # fp32: absolute tolerance
-RTOL = 1e-4  # ... plus this fraction of the largest reference output
+ATOL = 1e-5  # fp32: absolute tolerance
+RTOL = 1e-5  # ... plus this fraction of the largest reference output
+#: Why :data:`ATOL`/:data:`RTOL` hold for each format, recorded in the manifest. The numbers are
+#: the largest differences measured on the shipped digits MLP and ResNet (batches 1, 64, 512).
+TOLERANCE_WHY = {
+    "torchscript": "the same ATen kernels as the eager model: measured 0 difference, 3.4e-6 "
+    "(3.8e-7 of max|output|) with --fuse, whose folded BatchNorm rounds differently",
+    "exported": "the same ATen kernels as the eager model: measured 0 difference, 3.4e-6 "
+    "(3.8e-7 of max|output|) with --fuse, whose folded BatchNorm rounds differently",
+    "onnx": "ONNX Runtime's own kernels sum in another order: measured up to 9.5e-6 "
+    "(5e-7 of max|output|)",
+}
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
 
 
-class ParityError(ValueError):
+class ParityError(ModelError):
     """The exported model's outputs differ from the eager model's beyond the tolerance."""
 
 
@@ -187,12 +203,10 @@ def _exported(model: nn.Module, example: torch.Tensor, path: Path) -> dict[str, 
     """``torch.export`` with a dynamic batch dimension, saved as a ``.pt2`` file."""
     batch = torch.export.Dim("batch", min=1)
     try:
-        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+        with quiet_export():
+            program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     except Exception as e:  # torch.export raises several error types
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise ValueError(
-            f"torch.export could not export this model with a dynamic batch dimension: {first}"
-        ) from e
+        raise explain_export_failure(e, "exported") from e
     torch.export.save(program, str(path))
     return {"dynamic_batch": True}
 
@@ -201,7 +215,11 @@ def _onnx(model: nn.Module, example: torch.Tensor, path: Path) -> dict[str, Any]
     """The dynamo ONNX exporter (dynamic batch, one file), checked by ``onnx.checker``."""
     from kiln.compress.quantize_export import export_onnx
 
-    export_onnx(model, example, path)
+    try:
+        with quiet_export():
+            export_onnx(model, example, path)
+    except Exception as e:  # the exporter wraps torch.export's errors in its own types
+        raise explain_export_failure(e, "onnx") from e
     import onnx
 
     return {"opset": next((o.version for o in onnx.load(str(path)).opset_import), None)}
@@ -297,7 +315,10 @@ def export_model(
         An :class:`ExportResult`.
 
     Raises:
-        ValueError: an unknown format, or the model cannot be exported with a dynamic batch.
+        ValueError: an unknown format.
+        kiln.errors.ModelError: the model cannot be captured (the message names the line of
+            its code that stops ``torch.export`` and the format that works instead).
+        kiln.errors.UsageError: ``out_dir`` is an existing file.
         ParityError: an output differs beyond the tolerance (the manifest is written first,
             with ``"parity_ok": false``).
     """
@@ -308,6 +329,11 @@ def export_model(
     reference = (reference if reference is not None else model).eval()
     inputs = inputs.detach().to("cpu", torch.float32)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(
+            f"--out {out} is an existing file; give a folder (the export writes "
+            f"{FILES[format]} and {MANIFEST} into it)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     path = out / FILES[format]
     example = _example(inputs)
@@ -337,7 +363,12 @@ def export_model(
         "output": output_spec,
         "parity": [asdict(p) for p in parity],
         "parity_ok": ok,
-        "tolerance": {"atol": atol, "rtol": rtol, "rule": "max_abs <= atol + rtol * max|eager|"},
+        "tolerance": {
+            "atol": atol,
+            "rtol": rtol,
+            "rule": "max_abs <= atol + rtol * max|eager|",
+            "why": TOLERANCE_WHY[format],
+        },
         "torch": torch.__version__,
         "kiln": kiln.__version__,
         "python": platform.python_version(),
