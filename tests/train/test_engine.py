@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
 import torch
 from torch import nn
 
+from kiln.errors import UsageError
+from kiln.train.accumulation import GroupWeights
 from kiln.train.engine import Engine
-from kiln.train.evaluation import accumulation_weights
 
 
 def _model() -> nn.Module:
@@ -33,46 +35,117 @@ def _train_big_batches(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sizes
     return len(sizes)
 
 
+def _engine_run(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sizes: list[int],
+    k: int,
+    *,
+    known_length: bool = True,
+    precision: str = "fp32",
+) -> tuple[nn.Module, Engine, int]:
+    """Train with the Engine's default weighting; returns the model, engine and update count."""
+    if precision == "fp16":
+        with pytest.warns(RuntimeWarning, match="100x slower"):
+            engine = Engine(device="cpu", accumulate=k, precision="fp16", allow_fp16_cpu=True)
+    else:
+        engine = Engine(device="cpu", accumulate=k)
+    model, _ = engine.setup(_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    steps = {"opt": 0}
+    opt.register_step_post_hook(lambda *a: steps.__setitem__("opt", steps["opt"] + 1))
+    start = 0
+    n = len(sizes) if known_length else None
+    for i, s in enumerate(sizes):
+        xb, yb = engine.to_device((x[start : start + s], y[start : start + s]))
+        with engine.micro_step(i, n) as update:
+            # fp16: an fp32 forward, so only the scaler's math differs from the reference
+            with engine.autocast() if precision != "fp16" else contextlib.nullcontext():
+                loss = nn.functional.cross_entropy(model(xb), yb)
+            engine.backward(loss)
+        start += s
+        if update:
+            engine.optimizer_step(opt)
+    if not known_length:
+        assert engine.flush(opt) == (len(sizes) % k != 0)
+        assert not engine.flush(opt)  # nothing left: a second flush does nothing
+    assert engine.updates == steps["opt"]
+    return model, engine, steps["opt"]
+
+
 @pytest.mark.parametrize(
     ("n", "micro", "k", "big_sizes"),
     [
         (48, 4, 4, [16, 16, 16]),  # full groups
         (40, 4, 4, [16, 16, 8]),  # partial last group: 2 micro-batches
         (38, 4, 4, [16, 16, 6]),  # partial group whose last micro-batch is short too
+        (46, 4, 4, [16, 16, 14]),  # full last group whose last micro-batch is short
+        (30, 8, 1, [8, 8, 8, 6]),  # no accumulation, short last batch
     ],
 )
-def test_accumulation_equals_one_big_batch(
-    n: int, micro: int, k: int, big_sizes: list[int]
+@pytest.mark.parametrize("known_length", [True, False], ids=["n-known", "flush"])
+def test_accumulation_equals_one_big_batch_by_default(
+    n: int, micro: int, k: int, big_sizes: list[int], known_length: bool
 ) -> None:
+    """No ``weight=``: the Engine's own weighting equals one big batch (to float rounding)."""
     x, y = _data(n)
     ref = _model()
     _train_big_batches(ref, x, y, big_sizes)
-
-    model = _model()
-    engine = Engine(device="cpu", accumulate=k)
-    model, _ = engine.setup(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    steps = {"opt": 0}
-    opt.register_step_post_hook(lambda *a: steps.__setitem__("opt", steps["opt"] + 1))
     sizes = [min(micro, n - s) for s in range(0, n, micro)]
-    weights = accumulation_weights(sizes, k)
-    start = 0
-    for i, s in enumerate(sizes):
-        with engine.micro_step(i, len(sizes), weight=weights[i]) as update:
-            with engine.autocast():
-                loss = nn.functional.cross_entropy(
-                    model(x[start : start + s]), y[start : start + s]
-                )
-            engine.backward(loss)
-        start += s
+    model, engine, updates = _engine_run(x, y, sizes, k, known_length=known_length)
+    torch.testing.assert_close(model.state_dict(), ref.state_dict(), rtol=1e-6, atol=1e-6)
+    assert updates == len(big_sizes)
+    assert all(p.grad is None for p in model.parameters())  # zero_grad(set_to_none=True)
+    assert engine.pending == 0
+
+
+def test_accumulation_default_is_exact_under_the_fp16_scaler() -> None:
+    x, y = _data(46)
+    ref = _model()
+    _train_big_batches(ref, x, y, [16, 16, 14])
+    model, _, _ = _engine_run(x, y, [4] * 11 + [2], 4, known_length=False, precision="fp16")
+    torch.testing.assert_close(model.state_dict(), ref.state_dict(), rtol=1e-5, atol=1e-6)
+
+
+def test_accumulation_explicit_size_and_weight() -> None:
+    engine = Engine(device="cpu", accumulate=2)
+    model, _ = engine.setup(_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _data(12)
+    with engine.micro_step(0, 2, size=8):  # size= wins over what to_device saw
+        engine.backward(nn.functional.cross_entropy(model(x[:8]), y[:8]))
+    with engine.micro_step(1, 2, size=4):
+        engine.backward(nn.functional.cross_entropy(model(x[8:]), y[8:]))
+    grads = [p.grad.clone() for p in model.parameters()]
+    assert engine._group.correction() == pytest.approx(16 / 12)
+    engine.zero_grad(opt)
+    nn.functional.cross_entropy(model(x), y).backward()
+    for g, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(g * 16 / 12, p.grad)
+    model.zero_grad()
+    with engine.micro_step(0, 2, weight=0.5):
+        engine.backward(model(x).sum())
+    with pytest.raises(ValueError, match=r"weight=...\) was given for some micro-batches"):
+        engine.micro_step(1, 2)
+
+
+def test_unflushed_partial_group_is_detected() -> None:
+    engine = Engine(device="cpu", accumulate=4)
+    model, _ = engine.setup(_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _data(24)
+    for i in range(6):  # one update after 4, then 2 micro-batches pending
+        with engine.micro_step(i, None) as update:
+            engine.backward(nn.functional.cross_entropy(model(x[4 * i : 4 * i + 4]), y[:4]))
         if update:
             engine.optimizer_step(opt)
-            sched.step()
-    torch.testing.assert_close(model.state_dict(), ref.state_dict())
-    assert engine.updates == steps["opt"] == len(big_sizes)
-    assert sched.last_epoch == len(big_sizes)
-    assert all(p.grad is None for p in model.parameters())  # zero_grad(set_to_none=True)
+    assert engine.pending == 2
+    with pytest.raises(UsageError, match=r"last 2 micro-batches .* engine.flush\(optimizer\)"):
+        engine.micro_step(0, None)
+    engine.zero_grad(opt)  # dropping them on purpose is allowed
+    with engine.micro_step(0, None):
+        pass
+    assert engine.pending == 0
 
 
 def test_default_weight_divides_by_group_size() -> None:
@@ -90,7 +163,18 @@ def test_default_weight_divides_by_group_size() -> None:
         False,
         True,
     ]
-    assert accumulation_weights([4, 4, 4, 4, 4, 2], 4) == [0.25] * 4 + [4 / 6, 2 / 6]
+    weights = GroupWeights(4)
+    factors = []
+    for size, update in ((4, False), (4, False), (4, False), (4, True)):
+        factors.append(weights.factor(size, update=update))
+        weights.backward()
+    assert factors == [0.25] * 4 and weights.correction() == 1.0  # full groups: exactly 1/k
+    weights.reset()
+    factors = []
+    for size, update in ((4, False), (2, True)):
+        factors.append(weights.factor(size, update=update, planned=2))
+        weights.backward()
+    assert factors == [0.5, 0.25] and weights.correction() == 8 / 6
 
 
 def test_fp16_scaler_clipping_equals_clipping_unscaled_grads() -> None:

@@ -243,14 +243,7 @@ class _Steps:
     """The Trainer's update, by hand, with ``lap(phase)`` calls between the phases."""
 
     def __init__(self, trainer: Any) -> None:
-        from kiln.data.loader import batch_sizes
-        from kiln.train.evaluation import accumulation_weights
-
         self.t = trainer
-        sizes = batch_sizes(
-            len(trainer.train_loader.sampler), trainer.per_rank_batch, trainer.cfg.data.drop_last
-        )
-        self.weights = accumulation_weights(sizes, trainer.engine.accumulate)
         self.epoch = trainer.epoch
         self.batches: Iterator[tuple[int, Any]] | None = None
         self.losses: list[torch.Tensor] = []
@@ -282,7 +275,7 @@ class _Steps:
                 x, y = tech.mixer(x, y, epoch=self.epoch)
                 lap("data")
             update = engine.is_update(i, t.n_batches)
-            with engine.micro_step(i, t.n_batches, weight=self.weights[i], update=update):
+            with engine.micro_step(i, t.n_batches, size=len(x), update=update):
                 with engine.autocast():
                     out = t.model(x)
                     loss = t.loss_fn(out, y)
@@ -294,7 +287,7 @@ class _Steps:
             if update:
                 break
         if cfg.nonfinite != "ignore" and not engine.grads_finite(opt, group_loss):
-            opt.zero_grad(set_to_none=True)  # a bad update is skipped here, whatever the policy
+            engine.zero_grad(opt)  # a bad update is skipped here, whatever the policy
             lap("syncs")
             return
         lap("syncs")

@@ -9,21 +9,27 @@ Example:
     >>> engine = Engine(precision="bf16", accumulate=2, clip_norm=1.0, device="cpu")
     >>> model, opt = engine.setup(nn.Linear(4, 2), None)
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    >>> batches = [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(3)]
-    >>> for i, (x, y) in enumerate(batches):
+    >>> batches = [(torch.randn(n, 4), torch.randint(0, 2, (n,))) for n in (8, 8, 5)]
+    >>> for i, batch in enumerate(batches):
+    ...     x, y = engine.to_device(batch)                     # notes the batch size (8, 8, 5)
     ...     with engine.micro_step(i, len(batches)) as update:  # no_sync unless updating
     ...         with engine.autocast():
     ...             loss = nn.functional.cross_entropy(model(x), y)
-    ...         engine.backward(loss)                          # scaled by 1/group size
+    ...         engine.backward(loss)                          # weighted by its share of samples
     ...     if update:
     ...         grad_norm = engine.optimizer_step(opt)         # unscale, clip, step, zero_grad
     >>> engine.updates
     2
 
 Accumulation rules (DESIGN.md rule 4): micro-step ``i`` of ``n`` updates when ``(i + 1) % k == 0``
-or it is the last one; its loss is divided by the size of its group (a partial last group
-divides by fewer), or by the caller's ``weight`` (e.g. samples in this batch / samples in the
-group, which stays exact when the last batch is smaller).
+or it is the last one. The gradient of a group is the mean loss over all of its samples, exactly,
+whatever the batch sizes (a short last batch, a partial last group): each micro-batch's loss is
+weighted by its number of samples and the group's gradient is rescaled at the update by its true
+total (:mod:`kiln.train.accumulation`). The size of a micro-batch is ``micro_step(size=...)``, or
+else the leading dimension of the batch last moved by :meth:`Engine.to_device` with gradients
+enabled. When the number of batches is unknown (``micro_step(i, None)``), call
+:meth:`Engine.flush` after the loop: it applies the last partial group, whose gradients would
+otherwise leak into the next epoch (starting one with such a group pending is an error).
 """
 
 from __future__ import annotations
@@ -35,7 +41,9 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from kiln.errors import NotSupportedError, UsageError
 from kiln.train import distributed, parallel
+from kiln.train.accumulation import GroupWeights
 from kiln.train.precision import Precision
 
 T = TypeVar("T")
@@ -118,6 +126,9 @@ class Engine:
         self._non_blocking = self.device.type == "cuda"
         self._cpu_as_is = self.device.type == "cpu" and not channels_last
         self._micro = _MicroStep()
+        self._group = GroupWeights(accumulate)
+        self._seen: int | None = None  # leading size of the batch to_device moved last
+        self._last_i = -1
         self._fsdp = False
         self._found: torch.Tensor | None = None  # non-finite flag of grads_finite, reused
         self._one: torch.Tensor | None = None
@@ -152,7 +163,13 @@ class Engine:
         return wrapped, optimizer
 
     def to_device(self, batch: T) -> T:
-        """Move a tensor or a (nested) tuple/list/dict of tensors to the device."""
+        """Move a tensor or a (nested) tuple/list/dict of tensors to the device.
+
+        With gradients enabled, the batch's leading dimension is noted as the size of the next
+        micro-step (its share of the accumulation group); evaluation under ``no_grad`` is not.
+        """
+        if torch.is_grad_enabled():
+            self._seen = _leading_size(batch)
         if self._cpu_as_is:  # CPU tensors stay as they are: skip the per-step traversal
             return batch
         return self._move(batch)
@@ -190,17 +207,37 @@ class Engine:
         *,
         weight: float | None = None,
         update: bool | None = None,
+        size: int | None = None,
     ) -> _MicroStep:
         """Context for one micro-batch; ``as`` gives whether this micro-step updates the weights.
 
         On non-update micro-steps of a model that has ``no_sync`` (DDP), gradient all-reduce is
-        skipped, so there is one all-reduce per update. ``weight`` replaces the default loss
-        factor ``1 / group_size``; ``update`` overrides the update decision (a loader batch
-        split into several micro-batches updates on its last piece only).
+        skipped, so there is one all-reduce per update.
+
+        Args:
+            i: index of the micro-batch in this pass over the data (0 starts a new pass).
+            n_batches: micro-batches in the pass, or None when unknown (then call :meth:`flush`
+                after the loop).
+            weight: the caller's own loss factor for every micro-batch of the group, instead
+                of the exact default (samples in it / samples in the group).
+            update: override the update decision (a loader batch split into several
+                micro-batches updates on its last piece only).
+            size: samples in this micro-batch (default: the leading dimension of the batch last
+                moved by :meth:`to_device`; when neither is known, all count the same).
+
+        Raises:
+            UsageError: ``i`` starts a new pass while the previous pass's last group still holds
+                gradients that no update applied.
         """
         if update is None:
             update = self.is_update(i, n_batches)
-        self._scale = weight if weight is not None else 1.0 / self.group_size(i, n_batches)
+        if i < self._last_i:  # a new pass (the pieces of one split batch share their i)
+            self._check_no_pending(i)
+        self._last_i = i
+        if size is None:
+            size, self._seen = self._seen, None
+        planned = self.group_size(i, n_batches) if n_batches is not None else 0
+        self._scale = self._group.factor(size, update=update, weight=weight, planned=planned)
         step = self._micro
         step.update = update
         if self._fsdp:
@@ -215,11 +252,95 @@ class Engine:
         """Autocast for forward and loss (a no-op in fp32). Keep backward outside it."""
         return self.precision.autocast()
 
+    def _check_no_pending(self, i: int) -> None:
+        if not self._group.steps:
+            return
+        model = self.model
+        if model is not None and all(p.grad is None for p in model.parameters()):
+            self._group.reset()  # the caller dropped the gradients (zero_grad) on purpose
+            return
+        raise UsageError(
+            f"micro_step({i}, ...) starts a new pass over the data while the last "
+            f"{self._group.steps} micro-batches of the previous one were never applied: their "
+            "gradients would leak into this pass. With an unknown number of batches "
+            "(micro_step(i, None)) call engine.flush(optimizer) after the loop, or "
+            "engine.zero_grad(optimizer) to drop them"
+        )
+
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of ``loss`` times this micro-step's accumulation factor (and loss scale)."""
         if self._scale != 1.0:
             loss = loss * self._scale
         self.precision.backward(loss)
+        self._group.backward()
+
+    @property
+    def pending(self) -> int:
+        """Micro-batches back-propagated since the last update (0: no pending gradients)."""
+        return self._group.steps
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop the gradients (set to None) and the pending accumulation group with them."""
+        optimizer.zero_grad(set_to_none=True)
+        self._group.reset()
+
+    def flush(self, optimizer: torch.optim.Optimizer, *, grad_norm: bool = False) -> bool:
+        """Apply a pending partial group: the end of a loop over an unknown number of batches.
+
+        Its micro-steps ran without an update (and, under DDP, without the all-reduce), so the
+        gradients are averaged over the processes here, then stepped like any other group.
+        Returns whether there was a group to apply.
+
+        Example:
+            >>> from torch import nn
+            >>> engine = Engine(device="cpu", accumulate=4)
+            >>> model, _ = engine.setup(nn.Linear(2, 1))
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> for i in range(6):  # a stream of unknown length: 4 + 2 micro-batches
+            ...     with engine.micro_step(i, None) as update:
+            ...         engine.backward(model(torch.randn(3, 2)).sum())
+            ...     if update:
+            ...         _ = engine.optimizer_step(opt)
+            >>> engine.flush(opt), engine.updates
+            (True, 2)
+        """
+        if not self._group.steps:
+            return False
+        if self.world.size > 1:
+            if self._fsdp:
+                raise NotSupportedError(
+                    "engine.flush under strategy=fsdp: FSDP keeps unsynchronised gradients out of "
+                    "reach; pass the number of batches to micro_step so the last one updates"
+                )
+            if getattr(self._wrapped, "no_sync", None) is not None:  # DDP skipped the all-reduce
+                world = float(self.world.size)
+                for g in optimizer.param_groups:
+                    for p in g["params"]:
+                        if p.grad is not None:
+                            distributed.all_reduce_sum(p.grad).div_(world)
+        self.optimizer_step(optimizer, grad_norm=grad_norm)
+        return True
+
+    def _correct_group(self, optimizer: torch.optim.Optimizer) -> None:
+        """Rescale the group's gradients from its guessed total of samples to its true one."""
+        group = self._group
+        if group.explicit or not group.steps:
+            return
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if self.world.size > 1:
+            # Every replica must apply the same factor: the ranks' totals are summed (one small
+            # all-reduce, no host sync), so the factor is the one of the global batch.
+            totals = torch.tensor(
+                [group.expected, group.samples], dtype=torch.float64, device=self.device
+            )
+            totals = distributed.all_reduce_sum(totals)
+            if grads:
+                factor = (totals[0] / totals[1]).float()
+                torch._foreach_mul_(grads, factor)
+            return
+        factor = group.correction()
+        if factor != 1.0 and grads:
+            torch._foreach_mul_(grads, factor)
 
     def grad_norm(self, optimizer: torch.optim.Optimizer) -> torch.Tensor:
         """Total L2 norm of the current gradients (a device tensor; no host sync).
@@ -279,6 +400,7 @@ class Engine:
         Returns the total grad norm (a device tensor, no host sync) when clipping by norm or when
         ``grad_norm`` is True, else None. ``self.updates`` counts updates taken.
         """
+        self._correct_group(optimizer)  # before unscaling: the factor is linear
         norm: torch.Tensor | None = None
         if self.clip_norm is not None or self.clip_value is not None or grad_norm:
             self.precision.unscale_(optimizer)
@@ -293,7 +415,7 @@ class Engine:
                     foreach=True,
                 )
         stepped = self.precision.step(optimizer)
-        optimizer.zero_grad(set_to_none=True)
+        self.zero_grad(optimizer)
         if stepped:
             self.updates += 1
         else:
@@ -326,12 +448,32 @@ class Engine:
             "precision": self.precision.state_dict(),
             "updates": self.updates,
             "skipped": self.skipped,
+            "accumulation": self._group.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.precision.load_state_dict(state["precision"])
         self.updates = int(state["updates"])
         self.skipped = int(state.get("skipped", 0))
+        self._group.load_state_dict(state.get("accumulation", {}))
+        self._seen, self._last_i = None, -1
+
+
+def _leading_size(batch: Any) -> int | None:
+    """Leading dimension of the first tensor in a (nested) batch; None when there is none."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else None
+    if isinstance(batch, (tuple, list)):
+        items: Any = batch
+    elif isinstance(batch, dict):
+        items = batch.values()
+    else:
+        return None
+    for item in items:
+        found = _leading_size(item)
+        if found is not None:
+            return found
+    return None
 
 
 class _MicroStep:

@@ -1,11 +1,12 @@
-"""Evaluation and the small pure helpers of the training loop (kept apart from the Trainer).
+"""Evaluation: what validation, the final test pass and ``kiln eval`` share.
 
-``evaluate`` is what validation, the final test pass and ``kiln eval`` share.
+Accumulation weights are not here: the Engine weighs every micro-batch exactly by itself
+(:mod:`kiln.train.accumulation`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from kiln.losses import LossFn
 from kiln.train.engine import Engine
 from kiln.train.metrics import MultiTaskMetrics, TaskMetrics
 
-__all__ = ["accumulation_weights", "evaluate", "group_totals", "monitor_mode"]
+__all__ = ["evaluate", "monitor_mode"]
 
 
 def monitor_mode(metric: str, mode: str) -> str:
@@ -25,24 +26,6 @@ def monitor_mode(metric: str, mode: str) -> str:
     return (
         "max" if any(k in metric for k in ("acc", "f1", "auroc", "precision", "recall")) else "min"
     )
-
-
-def accumulation_weights(sizes: Sequence[int], accumulate: int) -> list[float]:
-    """Loss factor per micro-batch: its share of its group's samples (exact for a short last)."""
-    weights: list[float] = []
-    for start in range(0, len(sizes), accumulate):
-        group = sizes[start : start + accumulate]
-        weights.extend(s / sum(group) for s in group)
-    return weights
-
-
-def group_totals(sizes: Sequence[int], accumulate: int) -> list[int]:
-    """For each batch, the number of samples in its accumulation group."""
-    totals: list[int] = []
-    for start in range(0, len(sizes), accumulate):
-        group = sizes[start : start + accumulate]
-        totals.extend([sum(group)] * len(group))
-    return totals
 
 
 def evaluate(

@@ -62,13 +62,13 @@ def handle_nonfinite(self: Trainer, x: torch.Tensor) -> str:
     if policy == "rollback" and self.rollbacks >= cfg.max_rollbacks:
         policy = "stop"
     if policy == "skip":
-        self.optimizer.zero_grad(set_to_none=True)
+        self.engine.zero_grad(self.optimizer)
         self.nonfinite_skipped += 1
         self.step += 1  # the update's slot passes, like a GradScaler skip
         return "skip"
     if policy == "rollback":
         last = self.ckpts.last()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.engine.zero_grad(self.optimizer)
         if last is None:
             raise NonFiniteError(f"non-finite update at step {self.step + 1} with no checkpoint")
         target = self.lr_scale * cfg.rollback_lr_factor
@@ -85,7 +85,7 @@ def handle_nonfinite(self: Trainer, x: torch.Tensor) -> str:
         self.logger.log({"train/rollbacks": self.rollbacks}, step=self.step)
         return "rollback"
     bad_grads = nonfinite_grads(self.engine.model)  # type: ignore[arg-type]
-    self.optimizer.zero_grad(set_to_none=True)
+    self.engine.zero_grad(self.optimizer)
     path = self._save()  # the state before the bad update
     where = describe_nonfinite(self.engine.model, x, bad_grads)  # type: ignore[arg-type]
     after = f" after {self.rollbacks} rollbacks" if self.rollbacks else ""

@@ -75,7 +75,7 @@ def forward_backward_or_shrink(
         if not is_out_of_memory(exc):
             raise
     while True:
-        self.optimizer.zero_grad(set_to_none=True)
+        self.engine.zero_grad(self.optimizer)  # the group restarts: its gradients go too
         del losses[self._group_losses :]
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

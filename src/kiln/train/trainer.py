@@ -52,7 +52,7 @@ from kiln.data.loader import batch_sizes, start_epoch
 from kiln.train import build, distributed, resume_policy, snapshots
 from kiln.train.callbacks import Callbacks
 from kiln.train.checkpoint import CheckpointManager, resolve_checkpoint
-from kiln.train.evaluation import evaluate, group_totals, monitor_mode
+from kiln.train.evaluation import evaluate, monitor_mode
 from kiln.train.finish import FitResult, finish
 from kiln.train.guard import handle_nonfinite
 from kiln.train.logging import MetricsLogger, Progress
@@ -183,8 +183,6 @@ class Trainer:
             )
         self.n_batches = len(sizes)
         self.per_rank_batch = per_rank
-        # Samples in each batch's accumulation group: a micro-batch's loss weight is its share.
-        self._group_total = group_totals(sizes, cfg.train.accumulate)
         self.updates_per_epoch = math.ceil(self.n_batches / cfg.train.accumulate)
         self.total_steps = cfg.train.max_steps or self.updates_per_epoch * cfg.train.epochs
         self.scheduler = build_scheduler(
@@ -402,10 +400,10 @@ class Trainer:
         """Forward and backward of loader batch ``i``; True when it ends an accumulation group.
 
         The batch runs as ``self.micro`` micro-batches (one unless auto-microbatch split it),
-        each weighted by its share of the group's samples, so the gradient is the same.
+        each weighted by the Engine by its share of the group's samples, so the gradient is the
+        same.
         """
         engine, model, loss_fn, n = self.engine, self.model, self.loss_fn, self.n_batches
-        total = self._group_total[i]
         # The loss is checked only under fp16 (a NaN loss already makes the fp32/bf16 grads NaN).
         check = self.cfg.train.nonfinite != "ignore" and engine.precision.kind == "fp16"
         if self.micro == 1:
@@ -416,7 +414,7 @@ class Trainer:
         last = len(pieces) - 1
         update = engine.is_update(i, n)
         for j, (xb, yb) in enumerate(pieces):
-            with engine.micro_step(i, n, weight=len(xb) / total, update=update and j == last):
+            with engine.micro_step(i, n, size=len(xb), update=update and j == last):
                 with engine.autocast():
                     out = model(xb)
                     loss = loss_fn(out, yb)

@@ -51,6 +51,28 @@ def main() -> None:
     torch.testing.assert_close(model.state_dict(), ref.state_dict(), rtol=1e-5, atol=1e-7)
     assert calls[0] == 2, f"expected one all-reduce per update (2), got {calls[0]}"
     assert engine.updates == 2
+    # A stream of unknown length: 3 micro-batches (the last one short) = one update and a
+    # partial group that ran under no_sync; flush averages it over the ranks and applies it.
+    sizes = [per_rank, per_rank, per_rank // 2]
+    for i, size in enumerate(sizes):
+        x, y = engine.to_device((xs[i][mine][:size], ys[i][mine][:size]))
+        with engine.micro_step(i, None) as update:
+            engine.backward(nn.functional.cross_entropy(ddp(x), y))
+        if update:
+            engine.optimizer_step(opt)
+    assert engine.pending == 1 and engine.flush(opt) and engine.updates == 4
+    for group in ((0, 1), (2,)):
+        ref_opt.zero_grad()
+        parts = [
+            (xs[i][r * per_rank :][: sizes[i]], ys[i][r * per_rank :][: sizes[i]])
+            for i in group
+            for r in range(world)
+        ]
+        x = torch.cat([p[0] for p in parts])
+        y = torch.cat([p[1] for p in parts])
+        nn.functional.cross_entropy(ref(x), y).backward()
+        ref_opt.step()
+    torch.testing.assert_close(model.state_dict(), ref.state_dict(), rtol=1e-5, atol=1e-6)
     # Drop the DDP wrapper (its reducer holds the group) before the group ends: destroying the
     # group under a live reducer made gloo abort at exit ("terminate called ...") now and then.
     del ddp

@@ -1,0 +1,102 @@
+"""Exact gradient accumulation: the loss factor of each micro-batch and the fix-up at the update.
+
+Accumulating ``k`` micro-batches must give the gradient of one big batch: the mean loss over
+every sample of the group. Each micro-batch's mean loss therefore needs the factor
+``samples in it / samples in the group``, but the group's total is only known at its end (a short
+last batch, a loader of unknown length). :class:`GroupWeights` multiplies each loss by
+``size / expected`` (``expected``: the samples of a full group, guessed at the group's start) and,
+at the update, gives the factor ``expected / actual`` that turns the accumulated gradient into the
+exact mean. For full groups of equal batches the guess is right and the factor is exactly 1.0, so
+the common case costs nothing and matches ``loss / k`` bit for bit.
+
+Example:
+    >>> w = GroupWeights(accumulate=2)
+    >>> w.factor(8, update=False), w.backward()
+    (0.5, None)
+    >>> w.factor(4, update=True), w.backward()  # a short last batch
+    (0.25, None)
+    >>> w.correction()  # grads * 16/12: the mean over the 12 samples
+    1.3333333333333333
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["GroupWeights"]
+
+
+class GroupWeights:
+    """The samples of the current accumulation group and the loss factor of each micro-batch.
+
+    Args:
+        accumulate: micro-batches per full group.
+
+    Attributes:
+        unit: samples in a full micro-batch: the first size seen (saved with the Engine's state,
+            so a resumed run weighs like the uninterrupted one).
+        samples: samples back-propagated in the current group.
+        steps: micro-batches back-propagated in the current group (0: no pending gradient).
+    """
+
+    def __init__(self, accumulate: int) -> None:
+        self.accumulate = accumulate
+        self.unit: int | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the current group (its gradients were applied or dropped)."""
+        self.samples = 0
+        self.steps = 0
+        self.expected = 0  # the samples the loss factors of this group divide by
+        self.explicit: bool | None = None  # whether this group's caller passes ``weight=``
+        self._next = 0
+
+    def factor(
+        self, size: int | None, *, update: bool, weight: float | None = None, planned: int = 0
+    ) -> float:
+        """The loss factor of the micro-batch about to run.
+
+        Args:
+            size: samples in it (None: unknown, counted as a full micro-batch).
+            update: whether it ends the group.
+            weight: the caller's own factor (then no correction is made for this group).
+            planned: micro-batches the group will hold when the caller knows it (0: ``accumulate``).
+        """
+        explicit = weight is not None
+        if self.explicit is not None and self.explicit != explicit and self.steps:
+            raise ValueError(
+                "micro_step(weight=...) was given for some micro-batches of an accumulation group "
+                "and not for others; pass weight= for all of them or for none (the default "
+                "weighs each micro-batch by its number of samples)"
+            )
+        self.explicit = explicit
+        if size is not None and size < 1:
+            raise ValueError(f"micro_step(size=...) must be >= 1 samples, got {size}")
+        if self.unit is None:
+            self.unit = size or 1
+        n = size or self.unit
+        self._next = n
+        if weight is not None:
+            return weight
+        if not self.steps:  # the group starts here: guess its total
+            self.expected = n if update else (planned or self.accumulate) * self.unit
+        return n / self.expected
+
+    def backward(self) -> None:
+        """Count the micro-batch whose factor was asked last (its gradient is now accumulated)."""
+        self.samples += self._next
+        self.steps += 1
+
+    def correction(self) -> float:
+        """Factor for the accumulated gradients at the update: ``expected / actual`` samples."""
+        if self.explicit or not self.samples or self.samples == self.expected:
+            return 1.0
+        return self.expected / self.samples
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"unit": self.unit}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.unit = state.get("unit")
+        self.reset()
