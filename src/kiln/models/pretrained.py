@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from kiln.safeio.tensorfile import dtype_kind
+
 __all__ = [
     "LoadReport",
     "layer_groups",
@@ -110,23 +112,40 @@ def _unwrap(obj: Any, origin: str) -> dict[str, torch.Tensor]:
 
 
 def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of one file, checked before any library reads it (:mod:`kiln.safeio`)."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from kiln.safeio.tensorfile import load_file
 
-        return load_file(str(path))
+        return load_file(path)[0]
     if path.suffix in _PICKLED:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # an UnpicklingError that names the disallowed global
-            raise ValueError(
-                f"{path} cannot be read with torch.load(weights_only=True) ({err}); save plain "
-                "tensors (model.state_dict()) or convert it to .safetensors"
-            ) from err
-        return _unwrap(obj, str(path))
+        from kiln.safeio.torchfile import torch_load
+
+        # Sizes are checked before torch.load; a pickle that imports anything is refused.
+        return _unwrap(torch_load(path, map_location="cpu"), str(path))
     raise ValueError(
         f"unknown weights file type {path.suffix!r} ({path}); expected .safetensors or "
         f"{', '.join(_PICKLED)}"
     )
+
+
+def _read_index(index: Path) -> list[str]:
+    """The shard file names of a ``model.safetensors.index.json``, each a file beside it."""
+    from kiln.errors import CorruptFileError, UnsafeFileError
+
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CorruptFileError(
+            f"{index} is corrupt ({type(e).__name__}); it must be JSON with a 'weight_map' of "
+            "tensor name -> shard file"
+        ) from None
+    for shard in shards:
+        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+            raise UnsafeFileError(
+                f"refused to read {index}: shard {str(shard)[:80]!r} is not a file beside it"
+            )
+    return shards
 
 
 def read_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
@@ -153,9 +172,8 @@ def read_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
         return _read_file(path / "model.safetensors")
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         out: dict[str, torch.Tensor] = {}
-        for shard in shards:
+        for shard in _read_index(index):
             out.update(_read_file(path / shard))
         return out
     if (path / "pytorch_model.bin").is_file():
@@ -235,6 +253,7 @@ def load_pretrained(
     add_prefix: str | None = None,
     rename: Mapping[str, str] | None = None,
     skip_mismatched: bool = False,
+    origin: str | None = None,
 ) -> LoadReport:
     """Copy weights from ``source`` into ``model`` (in place), renaming keys to fit.
 
@@ -260,6 +279,7 @@ def load_pretrained(
         add_prefix: prefix added to source keys.
         rename: ``{regex: replacement}`` rules applied in order to source keys.
         skip_mismatched: with ``strict``, allow shape-mismatched keys (not loaded).
+        origin: what to call a state-dict ``source`` in the report and messages (its file).
 
     Returns:
         The :class:`LoadReport`.
@@ -267,6 +287,7 @@ def load_pretrained(
     Raises:
         ValueError: with ``strict``, the report of what did not match (with a prefix hint when
             one fits); also two source keys renamed to one name, or an unreadable file.
+        kiln.errors.ModelError: a source tensor of another dtype kind (integer for float).
         FileNotFoundError: ``source`` has no weights.
 
     Example:
@@ -277,7 +298,7 @@ def load_pretrained(
         (True, 4.0)
     """
     if isinstance(source, Mapping):
-        origin, raw = "a state dict", _unwrap(source, "source")
+        origin, raw = origin or "a state dict", _unwrap(source, "source")
     else:
         origin, raw = str(source), read_state_dict(source)
     names = _rename(list(raw), strip_prefix, add_prefix, rename)
@@ -285,15 +306,26 @@ def load_pretrained(
     loaded: list[str] = []
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
     values: dict[str, torch.Tensor] = {}
+    kinds: list[str] = []  # float weights stored as integers (or back): never cast silently
     for new, old in names.items():
         if new not in target:
             continue
         src_shape, dst_shape = tuple(raw[old].shape), tuple(target[new].shape)
-        if src_shape != dst_shape:
+        if dtype_kind(raw[old].dtype) != dtype_kind(target[new].dtype):
+            kinds.append(f"{new} ({raw[old].dtype} in the source, {target[new].dtype} here)")
+        elif src_shape != dst_shape:
             mismatched.append((new, src_shape, dst_shape))
         else:
             values[new] = raw[old]
             loaded.append(new)
+    if kinds:
+        from kiln.errors import ModelError
+
+        raise ModelError(
+            f"weights from {origin} have the wrong kind of dtype for {type(model).__name__}: "
+            f"{', '.join(kinds[:4])}{' ...' if len(kinds) > 4 else ''}; the file is damaged or "
+            "holds other tensors under these names"
+        )
     for group in _tied_names(model):
         if group & set(loaded):
             loaded += sorted(n for n in group - set(loaded) if n in target)

@@ -103,7 +103,7 @@ def load_pretrained_for(model: nn.Module, model_cfg: Any) -> None:
     pats = model_cfg.pretrained_exclude
     state = read_state_dict(model_cfg.pretrained)
     state = {k: v for k, v in state.items() if not any(fnmatchcase(k, p) for p in pats)}
-    report = load_pretrained(model, state, strict=False)
+    report = load_pretrained(model, state, strict=False, origin=str(model_cfg.pretrained))
     missing = [k for k in report.missing if not any(fnmatchcase(k, p) for p in pats)]
     if model_cfg.pretrained_strict and (missing or report.unexpected or report.mismatched):
         raise ValueError(

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from kiln.train import distributed, state
-from kiln.train.checkpoint import load_checkpoint
+from kiln.train.checkpoint import RESUME_KEYS, load_checkpoint
 from kiln.train.reproducibility import rng_state, set_rng_state
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ def capture(trainer: Trainer, step: int) -> dict[str, Any]:
 def restore(trainer: Trainer, path: Path) -> dict[str, Any]:
     """Load a checkpoint file (and its shard folder, if any) into ``trainer``; return the file's
     dict (its ``loop`` counters and ``resumed_from`` history, for the caller's bookkeeping)."""
-    saved = load_checkpoint(path, map_location="cpu")
+    saved = load_checkpoint(path, map_location="cpu", require=RESUME_KEYS)
     model = trainer.engine.model
     assert model is not None
     if trainer.tech.freezer is not None:

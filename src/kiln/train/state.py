@@ -153,10 +153,13 @@ def load_sharded(
 
 
 def _dcp_load(dcp: Any, state: dict[str, Any], directory: Path) -> None:
+    from kiln.safeio.dcp import safe_reader
+
     with warnings.catch_warnings():
         # Loading a sharded checkpoint in one process is intended (resume on fewer ranks).
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
-        dcp.load(state, checkpoint_id=str(directory))
+        # Kiln's reader: DCP's own would pickle.load the folder's .metadata unchecked.
+        dcp.load(state, storage_reader=safe_reader(directory))
 
 
 def consolidate(model: nn.Module, directory: Path) -> dict[str, torch.Tensor]:

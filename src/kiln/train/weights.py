@@ -81,8 +81,7 @@ def load_model(
         FileNotFoundError: no weights there (the run may not have finished; use its checkpoint).
         kiln.errors.UnsafeFileError: the file names an import path and ``trust_code`` is off.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_model as st_load
+    from kiln.safeio.tensorfile import load_into, read_header
 
     p = Path(run)
     file = p / WEIGHTS if p.is_dir() else p
@@ -91,11 +90,10 @@ def load_model(
             f"no {WEIGHTS} in {p}; the run may not have finished; "
             "resume it with `kiln train <config> resume=<run>`"
         )
-    with safe_open(str(file), "pt") as f:
-        meta = f.metadata() or {}
+    entries, meta = read_header(file)  # a damaged header is one line naming the file
     if model is None:
         model = model_from_metadata(file, meta, trust_code=trust_code)
-    st_load(model, str(file), strict=True, device=str(device))
+    load_into(model, file, entries, device=device)  # dtypes and shapes checked first
     return model.to(device).eval()
 
 
@@ -117,10 +115,10 @@ def consolidate_checkpoint(
         ...                            out="runs/x/model-step40.safetensors")  # doctest: +SKIP
     """
     from kiln.train import state
-    from kiln.train.checkpoint import load_checkpoint
+    from kiln.train.checkpoint import WEIGHT_KEYS, load_checkpoint
 
     path = Path(checkpoint)
-    saved = load_checkpoint(path)
+    saved = load_checkpoint(path, require=WEIGHT_KEYS)
     cfg = Config.model_validate(saved["config"])
     run_dir = path.parent.parent
     info_file = run_dir / "data_info.json"
