@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from resume_checks import assert_resumed_once_at, records
 from runners import run_kiln
 
 from conftest import SCRIPTS, finish_group, free_port, run_group, start_group, torchrun_cmd
@@ -92,10 +93,17 @@ def test_resume_across_world_sizes(torchrun, tmp_path: Path, first, second) -> N
     def launch(nproc: int, *args: str) -> None:
         _ok(torchrun(nproc, "-m", "kiln", *args) if nproc > 1 else run_kiln(*args))
 
-    launch(first[0], *_args(tmp_path, "split", first[1], "train.max_steps=9"))  # mid-epoch 1
+    every = "train.log_every=1"  # one record per update: the resumed process's are counted
+    launch(first[0], *_args(tmp_path, "split", first[1], every, "train.max_steps=9"))  # epoch 1
     state = load_checkpoint(resolve_checkpoint(tmp_path / "split"))
     assert state["loop"]["step"] == 9 and state["world_size"] == first[0]
-    launch(second[0], *_args(tmp_path, "split", second[1], f"resume={tmp_path / 'split'}"))
+    # max_steps=null: the run's own config (read on resume) stops at 9; train on to the end
+    to_end = ("train.max_steps=null", f"resume={tmp_path / 'split'}")
+    launch(second[0], *_args(tmp_path, "split", second[1], every, *to_end))
+    # It continued from step 9 with the new world size (a restart from 0 ends the same).
+    total = load_checkpoint(resolve_checkpoint(tmp_path / "straight"))["loop"]["step"]
+    mark = assert_resumed_once_at(tmp_path / "split", 9, total)
+    assert mark["world_size"] == second[0] and not mark["elastic"]
     torch.testing.assert_close(
         _last_weights(tmp_path / "split"),
         _last_weights(tmp_path / "straight"),
@@ -145,6 +153,7 @@ def test_elastic_restart_resumes_from_last_checkpoint(tmp_path: Path) -> None:
         "train.epochs=6",
         "checkpoint.every_n_steps=4",
         "model.kwargs={hidden: [256, 256]}",
+        "train.log_every=1",  # one record per update: the restarted group's are counted
     )
     cmd = torchrun_cmd(
         2, "-m", "kiln", *_args(tmp_path, "elastic", *more), extra=("--max-restarts=2",)
@@ -170,6 +179,14 @@ def test_elastic_restart_resumes_from_last_checkpoint(tmp_path: Path) -> None:
     torch.testing.assert_close(
         _last_weights(tmp_path / "elastic"), _last_weights(tmp_path / "ref"), rtol=1e-5, atol=1e-6
     )
+    # The same weights also come from a restart at step 0: check the group resumed, at a
+    # checkpoint's step, and did only the updates after it.
+    marks = [r for r in records(tmp_path / "elastic") if r.get("event") == "resumed"]
+    assert len(marks) == 1 and marks[0]["elastic"], marks
+    start = marks[0]["step"]
+    assert start > 0 and start % 4 == 0, start
+    total = load_checkpoint(resolve_checkpoint(tmp_path / "ref"))["loop"]["step"]
+    assert_resumed_once_at(tmp_path / "elastic", start, total)
 
 
 def test_sigterm_under_torchrun_stops_all_ranks_at_one_step(tmp_path: Path) -> None:
@@ -178,6 +195,7 @@ def test_sigterm_under_torchrun_stops_all_ranks_at_one_step(tmp_path: Path) -> N
         "train.epochs=8",
         "checkpoint.every_n_steps=5",
         "model.kwargs={hidden: [256, 256]}",
+        "train.log_every=1",  # one record per update: the resumed group's are counted
     )
     proc = start_group(torchrun_cmd(2, "-m", "kiln", *_args(tmp_path, "term", *more)))
     last = tmp_path / "term" / "checkpoints" / "last"
@@ -203,3 +221,5 @@ def test_sigterm_under_torchrun_stops_all_ranks_at_one_step(tmp_path: Path) -> N
     torch.testing.assert_close(
         _last_weights(tmp_path / "term"), _last_weights(tmp_path / "ref"), rtol=1e-5, atol=1e-6
     )
+    total = load_checkpoint(resolve_checkpoint(tmp_path / "ref"))["loop"]["step"]
+    assert_resumed_once_at(tmp_path / "term", stopped["loop"]["step"], total)

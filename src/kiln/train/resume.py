@@ -79,7 +79,7 @@ def completed_message(
     if left:
         return None
     if cfg.train.max_steps:
-        longer = f"train.max_steps=N (N > {cfg.train.max_steps})"
+        longer = f"train.max_steps=N (N > {cfg.train.max_steps}), or train.max_steps=null"
     else:
         longer = f"train.epochs=N (N > {cfg.train.epochs})"
     return (
