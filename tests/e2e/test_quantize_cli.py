@@ -71,3 +71,22 @@ def test_bad_method_lists_the_allowed_ones(run: Path) -> None:
     assert proc.returncode == 2
     assert "allowed: dynamic, static, qat, pt2e, onnx-int8" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_onnx_int8_file_is_reloaded_and_checked(run: Path, tmp_path: Path) -> None:
+    # Not only the torch.ao methods: the saved .onnx is read back by a new ORT session.
+    proc = run_kiln(
+        "quantize",
+        str(run),
+        "--method",
+        "onnx-int8",
+        "--calib-batches",
+        "2",
+        "--out",
+        str(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["reload_max_abs_diff"] == 0.0
+    assert "reloaded from disk: max abs output difference 0" in proc.stdout

@@ -5,8 +5,8 @@ quantizes with :func:`kiln.compress.quantize.quantize`, saves the result under
 ``RUN/quantized/<method>/`` (or ``--out``), and measures the fp32 eager model and the quantized
 one in this same process: size on disk, latency at batch 1 and 64 (one thread, median), and
 accuracy/loss on the test split. The table is printed and written to ``report.json`` next to
-the model. For ``dynamic``, ``static`` and ``qat`` the saved model is reloaded and checked to
-give the same outputs.
+the model. The saved file of every method is reloaded and checked to give the same outputs
+(``reload_max_abs_diff`` in ``report.json``).
 
 Torch is imported inside the function, so ``kiln --help`` stays fast.
 
@@ -183,7 +183,7 @@ def _quantize_and_measure(
 ) -> dict[str, Any]:
     import torch
 
-    from kiln.compress.quantize import AO_METHODS, load_quantized, quantize
+    from kiln.compress.quantize import quantize, reload_max_abs_diff
     from kiln.compress.report import measure, table
 
     finetune, changes = None, list[str]()
@@ -208,12 +208,9 @@ def _quantize_and_measure(
         measure("fp32", job.fp32, job.weights, job.eval_loader, x, task=task),
         measure(method, result.predict, files, job.eval_loader, x, task=task),
     ]
-    reload_diff = None
-    if method in AO_METHODS:  # the saved file alone rebuilds the same model
-        # its metadata is the run's, which load_model accepted above (with or without trust)
-        again = load_quantized(out_dir, trust_code=True)
-        with torch.inference_mode():
-            reload_diff = float((again(x) - result.predict(x)).abs().max())
+    # Every method's file is read back and compared with the in-memory model (the torch.ao
+    # methods' metadata is the run's, which load_model accepted above, with or without trust).
+    reload_diff = reload_max_abs_diff(result, saved, x, trust_code=True)
     notes = dict(result.notes)
     if changes:
         notes["qat_config_changes"] = changes

@@ -59,6 +59,7 @@ __all__ = [
     "first_inputs",
     "load_quantized",
     "quantize",
+    "reload_max_abs_diff",
 ]
 
 METHODS = ("dynamic", "static", "qat", "pt2e", "onnx-int8")
@@ -385,6 +386,64 @@ def load_quantized(
     tensors = load_file(str(file))
     _load_state(qmodel, {k: _decode(k, spec, tensors) for k, spec in layout.items()})
     return qmodel.eval()
+
+
+def reload_max_abs_diff(
+    result: CompressedModel,
+    path: str | Path,
+    x: torch.Tensor,
+    *,
+    model: nn.Module | None = None,
+    trust_code: bool = False,
+) -> float:
+    """Reload the file ``result.save`` wrote and return its largest output difference on ``x``.
+
+    Each method's file is read back the way a user would read it, and compared with the
+    in-memory model of the same kind:
+
+    * ``dynamic``/``static``/``qat``: :func:`load_quantized` (rebuilt from the saved config and
+      state) against ``result.predict``;
+    * ``pt2e``: :func:`~kiln.compress.quantize_export.load_pt2e` against ``result.module``,
+      the converted Q/DQ program before compilation (the compiled, frozen program's int8
+      kernels round differently, so it is not the reference for the file's contents);
+    * ``onnx-int8``: a new ONNX Runtime session over the file against ``result.predict``.
+
+    A file that holds the same model gives 0.0.
+
+    Args:
+        result: what :func:`quantize` returned, saved with ``result.save``.
+        path: the file ``result.save`` returned (or, for ``dynamic``/``static``/``qat``, its
+            folder).
+        x: an input batch.
+        model: for ``dynamic``/``static``/``qat``: the fp32 architecture, when the file holds no
+            Kiln config to rebuild it from (see :func:`load_quantized`).
+        trust_code: passed to :func:`load_quantized` (a saved ``model.target`` import path).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)).eval()
+        >>> q = quantize(net, "dynamic")                                # doctest: +SKIP
+        >>> path = q.save(Path("out"))                                  # doctest: +SKIP
+        >>> reload_max_abs_diff(q, path, torch.randn(4, 8), model=net)  # doctest: +SKIP
+        0.0
+    """
+    method = check_method(result.method)
+    if method in AO_METHODS:
+        saved: Callable[[torch.Tensor], torch.Tensor] = load_quantized(
+            path, model=model, trust_code=trust_code
+        )
+        reference = result.predict
+    elif method == "pt2e":
+        from kiln.compress.quantize_export import load_pt2e
+
+        if result.module is None:
+            raise ValueError("a pt2e result without its converted program (module) to compare")
+        saved, reference = load_pt2e(path), result.module
+    else:
+        from kiln.compress.quantize_export import onnx_predict, onnx_session
+
+        saved, reference = onnx_predict(onnx_session(Path(path))), result.predict
+    with torch.inference_mode():
+        return float((saved(x).float() - reference(x).float()).abs().max())
 
 
 def _fp32_from_metadata(file: Path, meta: dict[str, str], *, trust_code: bool) -> nn.Module:

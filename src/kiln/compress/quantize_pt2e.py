@@ -112,13 +112,31 @@ def _export_example(example: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- PT2E
 
 
-def _export_dynamic(model: nn.Module, example: torch.Tensor) -> tuple[Any, bool]:
-    """``torch.export`` with a dynamic batch dimension, or a static one if the model forbids it."""
+def _export_dynamic(model: nn.Module, example: torch.Tensor) -> tuple[Any, str | None]:
+    """``torch.export`` with a dynamic batch dimension, or a static one if the model forbids it.
+
+    Returns the program and None, or, after the fallback, a sentence saying what happened.
+    """
+    from kiln.deploy.export_errors import quiet_export
+
     batch = torch.export.Dim("batch", min=1)
     try:
-        return torch.export.export(model, (example,), dynamic_shapes=({0: batch},)), True
-    except Exception:  # e.g. a reshape that fixes the batch size: fall back to a static shape
-        return torch.export.export(model, (example,)), False
+        with quiet_export():
+            return torch.export.export(model, (example,), dynamic_shapes=({0: batch},)), None
+    except Exception as e:  # e.g. a reshape that fixes the batch size: fall back to a static shape
+        fallback = (
+            f"torch.export could not capture the model with a dynamic batch size ({_first(e)}); "
+            f"it was captured with the example's fixed batch of {len(example)} instead, so the "
+            f"int8 program takes batches of {len(example)} only"
+        )
+    return torch.export.export(model, (example,)), fallback
+
+
+def _first(exc: BaseException, limit: int = 160) -> str:
+    """``Type: first line of the message``, cut to ``limit`` characters."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _drop_unused_tensors(program: torch.fx.GraphModule) -> list[str]:
@@ -188,9 +206,15 @@ class _FrozenProgram:
       uncompiled Q/DQ program, correct but slower than fp32.
     """
 
-    def __init__(self, program: nn.Module, example: torch.Tensor) -> None:
-        self.error: str | None = None
+    def __init__(
+        self, program: nn.Module, example: torch.Tensor, *, fixed_batch: bool = False
+    ) -> None:
+        self.fallback: str | None = None  # what failed and what runs instead, in words
         self.seen: set[tuple[Any, ...]] = set()
+        if fixed_batch:  # exported with the example's batch size: the only one it takes
+            self._compile(program, dynamic=False)
+            self(example)
+            return
         try:
             # A deep copy has its own forward code object, hence its own Dynamo cache: a failed
             # dynamic attempt leaves nothing behind for the static compilation below.
@@ -200,7 +224,14 @@ class _FrozenProgram:
             for x in (example, example[:1], torch.cat([example, example[:1]])):
                 self(x)
         except Exception as e:  # Inductor lowering errors carry no common public type
-            self.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            self.fallback = (
+                "Inductor could not compile the int8 program for a dynamic batch size "
+                f"({_first(e)}; torch 2.13's int8 convolution lowering fails this way on conv "
+                "nets), so one static graph is compiled per batch size instead: batch 1 and "
+                f"{len(example)} now, each new size at its first call, up to "
+                "torch._dynamo.config.recompile_limit sizes; beyond that the uncompiled Q/DQ "
+                "program runs (same outputs, slower)"
+            )
             self._compile(program, dynamic=False)
             for x in (example, example[:1]):
                 self(x)
@@ -268,7 +299,8 @@ def quantize_pt2e(
     ao = _import_torchao()
     model = model.eval()
     ex = _export_example(example)
-    exported, dynamic = _export_dynamic(model, ex)
+    exported, export_fallback = _export_dynamic(model, ex)
+    dynamic = export_fallback is None
     quantizer = ao.X86InductorQuantizer()
     quantizer.set_global(ao.default_config())
     prepared = ao.prepare_pt2e(exported.module(), quantizer)
@@ -279,7 +311,7 @@ def quantize_pt2e(
             n_calib += 1
     converted = ao.convert_pt2e(prepared)
     dropped = _drop_unused_tensors(converted)
-    predict = _FrozenProgram(converted, ex)
+    predict = _FrozenProgram(converted, ex, fixed_batch=not dynamic)
 
     files: list[Path] = []
 
@@ -301,9 +333,10 @@ def quantize_pt2e(
         "calib_batches": n_calib,
         "quantizer": "X86InductorQuantizer (default config: static int8, per-channel weights)",
         "compiled": "dynamic batch" if predict.dynamic else "static, one graph per batch size",
-        "dynamic_compile_error": predict.error,
         "freezing": "on while Inductor compiles a new input signature; the global flag is restored",
         "fp32_tensors_dropped": len(dropped),
+        # Each fallback in words (what failed, what is used instead); kiln quantize prints them.
+        "messages": [m for m in (export_fallback, predict.fallback) if m is not None],
     }
     return CompressedModel("pt2e", predict, save, module=converted, files=files, notes=notes)
 
