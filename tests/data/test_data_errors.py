@@ -70,10 +70,10 @@ def _write(path: Path, data: bytes | str) -> Path:
 Maker = Callable[[Path], tuple[dict[str, object], Path]]
 
 
-def _images(tmp: Path, name: str, data: bytes) -> tuple[dict[str, object], Path]:
+def _images(tmp: Path, name: str, data: bytes, **extra: object) -> tuple[dict[str, object], Path]:
     root = _image_folder(tmp / "pets")
     bad = _write(root / "dog" / name, data)
-    return {"name": "images", "path": str(root), "image_size": 8}, bad
+    return {"name": "images", "path": str(root), "image_size": 8, **extra}, bad
 
 
 def _folder_of(root: Path, named: Path | None = None) -> tuple[dict[str, object], Path]:
@@ -102,7 +102,9 @@ CASES: dict[str, tuple[Maker, str]] = {
         r"9\.jpg cannot be read .*remove or replace",
     ),
     "image-truncated-png": (
-        lambda t: _images(t, "9.png", _png((64, 64))[:-40]),
+        # Without standardisation nothing but the up-front check decodes the file before
+        # training: it must still be refused before a run directory exists.
+        lambda t: _images(t, "9.png", _png((64, 64))[:-40], standardize=False),
         r"9\.png cannot be read \(.*\); remove or replace",
     ),
     "image-truncated-jpeg": (
