@@ -23,6 +23,7 @@ import linecache
 import logging
 import os
 import re
+import sys
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,7 +52,8 @@ def quiet_export() -> Iterator[None]:
     ``torch.export`` prints the partial graph straight to ``sys.stderr`` and logs warnings and
     errors through the ``torch.*`` loggers (whose handler holds the real stderr, so redirecting
     ``sys.stderr`` alone does not reach them). Both are muted inside the block; the exception
-    itself carries everything :func:`explain_export_failure` needs.
+    itself carries everything :func:`explain_export_failure` needs. When the block succeeds,
+    what was written to ``sys.stderr`` (a Python warning, say) is passed on after all.
     """
     loggers = [logging.getLogger("torch")]
     loggers += [
@@ -62,9 +64,11 @@ def quiet_export() -> Iterator[None]:
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL + 1)
+    captured = io.StringIO()
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stderr(captured):
             yield
+        sys.stderr.write(captured.getvalue())
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
