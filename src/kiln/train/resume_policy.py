@@ -48,6 +48,7 @@ ALLOWED = (
     "train.nonfinite",
     "train.rollback_lr_factor",
     "train.max_rollbacks",
+    "train.max_consecutive_skips",
     "checkpoint.every_n_steps",
     "checkpoint.every_epoch",
     "checkpoint.keep_last",
