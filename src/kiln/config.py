@@ -227,6 +227,13 @@ class TrainConfig(_Strict):
     )
     rollback_lr_factor: float = Field(0.5, gt=0.0, lt=1.0)
     max_rollbacks: int = Field(3, ge=1, le=1000)
+    max_consecutive_skips: int = Field(
+        10,
+        ge=1,
+        le=INT32_MAX,
+        description="with nonfinite=skip: stop (exit 2) after this many non-finite updates in a "
+        "row, since the run is no longer training",
+    )
 
 
 class CheckpointConfig(_Strict):

@@ -15,6 +15,12 @@ from torch import nn
 
 from kiln.train import build, distributed, snapshots
 from kiln.train.evaluation import evaluate
+from kiln.train.guard import (
+    NonFiniteError,
+    check_final_metrics,
+    final_weights_problem,
+    finite_weights,
+)
 from kiln.train.metrics import build_metrics
 from kiln.train.weights import save_weights
 
@@ -38,8 +44,8 @@ class FitResult:
 
 def finish(self: Trainer) -> FitResult:
     """Save the best weights as model.safetensors and measure them on the test split."""
-    if self.batch_in_epoch or not self.cfg.checkpoint.every_epoch:
-        self._save()  # the final position (max_steps mid-epoch, or no epoch checkpoints)
+    if (self.batch_in_epoch or not self.cfg.checkpoint.every_epoch) and finite_weights(self):
+        self._save()  # the final position; a non-finite one must not push out a finite one
     best_name = self.ckpts.best_name() if self.is_zero else None
     best_name = distributed.broadcast_object(best_name)
     best_file = self.ckpts.dir / best_name if best_name else None
@@ -49,6 +55,9 @@ def finish(self: Trainer) -> FitResult:
     result = FitResult(
         self.run_dir, self.step, best_checkpoint=best_file, stopped=self._stop_reason
     )
+    problem = final_weights_problem(self, final) if final is not None else None
+    if distributed.broadcast_object(problem):  # every rank stops: never write NaN weights
+        raise NonFiniteError(problem)
     if final is not None:  # rank 0: plain weights, evaluated without collectives
         save_weights(final, self.run_dir / "model.safetensors", self.cfg, self.data.info)
         metrics = build_metrics(
@@ -67,24 +76,28 @@ def finish(self: Trainer) -> FitResult:
             "val": result.val,
             "test": result.test,
             "best_checkpoint": str(best_file) if best_file else None,
-            "weights": final_kind(self),
+            "weights": final_kind(self, best_file),
             "stopped": self._stop_reason,
+            "skipped_updates": self.nonfinite_skipped,  # train.nonfinite=skip
+            "rollbacks": self.rollbacks,
             "resumed_from_step": self.resumed_from,  # one entry per resume, in order
         }
         if hasattr(self.loss_fn, "task_weights"):
             summary["task_weights"] = self.loss_fn.task_weights()
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     result.val, result.test = distributed.broadcast_object((result.val, result.test))
+    check_final_metrics(self, {"val": result.val, "test": result.test})  # NaN loss: exit 2
     return result
 
 
-def final_kind(self: Trainer) -> str:
+def final_kind(self: Trainer, best_file: Path | None) -> str:
     """What model.safetensors holds (written to summary.json)."""
     if self.tech.swa is not None:
         return f"swa average of {self.tech.swa.n_averaged} epochs"
     ck = self.cfg.checkpoint
     only_final = not ck.every_epoch and ck.every_n_steps is None  # one checkpoint: the last
-    what = "final weights" if only_final else "best checkpoint"
+    # No best checkpoint (no finite monitored metric): the weights are the final ones.
+    what = "final weights" if only_final or best_file is None else "best checkpoint"
     if self.tech.ema is not None and self.cfg.ema.evaluate:
         return f"ema of the {what}"
     return what

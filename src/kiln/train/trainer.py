@@ -109,6 +109,7 @@ class Trainer:
         self.lr_scale = 1.0  # LR factor from non-finite rollbacks
         self.rollbacks = 0
         self.nonfinite_skipped = 0
+        self._skip_streak = (-1, 0)  # (engine.updates at the last skip, skips in a row)
         self._group_loss = torch.zeros(())  # summed loss of the current accumulation group
         # auto-microbatch: the current group's batches, RNG state and losses length (replay)
         self._group: list[tuple[int, torch.Tensor, torch.Tensor]] = []
@@ -466,6 +467,8 @@ class Trainer:
         if self.verbose and self.is_zero:
             shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("val/"))
             line = f"epoch {self.epoch}/{cfg.train.epochs}  step {self.step}  {shown}"
+            if self.nonfinite_skipped:
+                line += f"  skipped {self.nonfinite_skipped} non-finite updates"
             line += f"  ({seconds:.1f}s)"
             if self.progress.enabled:
                 self.progress.print(line)
@@ -496,7 +499,10 @@ class Trainer:
             logs["train/nonfinite_skipped"] = self.nonfinite_skipped
         self._last_train = logs
         self.logger.log(logs, step=self.step)
-        self.progress.update(self.step, {"loss": logs["train/loss"]}, force=True)
+        shown = {"loss": logs["train/loss"]}
+        if self.nonfinite_skipped:  # train.nonfinite=skip: how many updates were dropped
+            shown["skipped"] = self.nonfinite_skipped
+        self.progress.update(self.step, shown, force=True)
         self.callbacks.fire("on_log", self, logs)
 
     def _save(self, metric: float | None = None) -> Path:
