@@ -138,6 +138,10 @@ CASES: dict[str, tuple[Maker, str]] = {
         lambda t: _csv(t, GOOD_CSV.encode("utf-16")),
         r"table\.csv is UTF-16 text .* re-save it as UTF-8",
     ),
+    "csv-utf16-without-bom": (
+        lambda t: _csv(t, GOOD_CSV.encode("utf-16-le")),
+        r"table\.csv is not UTF-8 text: byte 1 \(line 1\) is a NUL byte, so it is binary or UTF-16",
+    ),
     "csv-ragged-row": (
         lambda t: _csv(t, GOOD_CSV + "1,2\n"),
         r"row 41 \(line 42 of .*table\.csv\) has 2 cells but the header has 3 columns",
@@ -179,6 +183,16 @@ CASES: dict[str, tuple[Maker, str]] = {
         lambda t: _text(t, b"hello world, " * 20 + b"\xff\xfe tail"),
         r"corpus\.txt is not UTF-8 text: byte 260 \(line 1\) is 0xff",
     ),
+    "tsv-latin1": (
+        lambda t: (
+            {
+                "name": "topics",
+                "path": str(_write(t / "topics.tsv", "sports\tun caf\xe9".encode("latin-1"))),
+            },
+            t / "topics.tsv",
+        ),
+        r"TSV file .*topics\.tsv is not UTF-8 text: byte 13 \(line 1\) is 0xe9",
+    ),
     "text-folder": (
         lambda t: ({"name": "text", "path": str(t)}, t),
         r"text file is a folder, not a file",
@@ -199,6 +213,8 @@ def _train(tmp: Path, data: dict[str, object], capsys: pytest.CaptureFixture[str
     }
     if data.get("name") in ("images",):
         cfg["model"] = {"name": "resnet", "kwargs": {"depths": [1], "width": 4}}
+    if data.get("name") == "topics":
+        cfg["model"] = {"name": "bow"}
     if data.get("name") == "text":
         cfg["model"] = {"name": "gpt", "kwargs": {"n_layer": 1, "n_head": 1, "n_embd": 8}}
     path = tmp / "job.yaml"

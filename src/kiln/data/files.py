@@ -81,6 +81,16 @@ def read_utf8(path: str | Path, what: str) -> str:
             f"{what} {p} is UTF-16 text (it starts with a UTF-16 byte-order mark), not UTF-8; "
             f"re-save it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8 {p.name} > fixed-{p.name})"
         )
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        line = data.count(b"\n", 0, nul) + 1
+        # UTF-8 text never holds NUL bytes; UTF-16 without a byte-order mark decodes "fine" as
+        # UTF-8 (every other byte NUL) and would surface later as baffling column names.
+        raise DataError(
+            f"{what} {p} is not UTF-8 text: byte {nul} (line {line}) "
+            "is a NUL byte, so it is binary or UTF-16 text; re-save it as UTF-8 (from UTF-16: "
+            f"iconv -f UTF-16 -t UTF-8 {p.name} > fixed-{p.name})"
+        )
     start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
         return data[start:].decode("utf-8")
