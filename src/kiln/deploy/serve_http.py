@@ -382,7 +382,7 @@ class HTTPFront:
         *,
         on_rejected: Callable[[int, str], None] = lambda status, message: None,
         after_write: Callable[[Request, Response], None] = lambda req, resp: None,
-        on_event: Callable[[str, str], None] = lambda kind, message: None,
+        on_event: Callable[[str, str], object] = lambda kind, message: None,
     ) -> None:
         self.handler = handler
         self.sock = sock
