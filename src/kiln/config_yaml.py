@@ -54,7 +54,7 @@ class _BoundedLoader(yaml.SafeLoader):
         # Expanded size of each composed node, keyed by id (nodes live until loading ends).
         self._sizes: dict[int, int] = {}
 
-    def compose_node(self, parent: Node | None, index: Any) -> Node:  # type: ignore[override]
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
         self._depth += 1
         if self._depth > MAX_DEPTH:
             raise YamlLimitError(f"is nested deeper than {MAX_DEPTH} levels")
@@ -66,9 +66,13 @@ class _BoundedLoader(yaml.SafeLoader):
             node = Composer.compose_node(self, parent, index)
         finally:
             self._depth -= 1
+        if node is None:
+            return node
         size = self._sizes.get(id(node))
         if size is None:  # an alias returns its anchor's node, whose size is already known
-            size = 1 + sum(self._sizes.get(id(child), 1) for child in _children(node))
+            size = 1
+            for child in _children(node):
+                size += self._sizes.get(id(child), 1)
             self._sizes[id(node)] = size
         if size > MAX_NODES:
             raise YamlLimitError(
