@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import pytest
 import torch
 from torch import nn
 
+import kiln.models
 from kiln.algorithms.early_stopping import EarlyStopping
 from kiln.algorithms.freezing import Freezer, freeze, frozen_bn_eval, unfreeze
 from kiln.algorithms.mixing import BatchMixer
@@ -54,13 +57,35 @@ def _net() -> nn.Sequential:
 
 def test_freeze_and_unfreeze_by_module_and_glob() -> None:
     net = _net()
-    assert freeze(net, ["0", "1.*"]) == ["0.bias", "0.weight", "1.bias", "1.weight"]
+    assert freeze(net, ["0", "1.*"]).matched == ("0.bias", "0.weight", "1.bias", "1.weight")
     assert [n for n, p in net.named_parameters() if p.requires_grad] == ["2.weight", "2.bias"]
-    assert unfreeze(net, ["*.bias"]) == ["0.bias", "1.bias", "2.bias"]
+    assert unfreeze(net, ["*.bias"]).matched == ("0.bias", "1.bias", "2.bias")
     net.train()
     assert frozen_bn_eval(net) == []  # the BN bias is trainable again: stays in train mode
     freeze(net, ["1"])
     assert frozen_bn_eval(net) == ["1"] and not net[1].training and net[0].training
+
+
+def test_one_freeze_takes_a_string_a_list_or_module_types() -> None:
+    assert freeze is kiln.models.freeze and unfreeze is kiln.models.unfreeze
+    net = nn.Sequential(OrderedDict(trunk=nn.Linear(4, 4), norm=nn.BatchNorm1d(4)))
+    net.add_module("head", nn.Linear(4, 2))
+    assert freeze(net, "head").matched == ("head.bias", "head.weight")  # not 'h', 'e', ...
+    assert freeze(net, ["trunk", nn.BatchNorm1d]).changed == (
+        "norm.bias",
+        "norm.weight",
+        "trunk.bias",
+        "trunk.weight",
+    )
+    assert not any(p.requires_grad for p in net.parameters())
+    assert unfreeze(net, "trunk").changed == ("trunk.bias", "trunk.weight")
+    f = Freezer("head", {1: "head"})  # one pattern as a string here too
+    f.apply(net, 0)
+    assert not net.head.weight.requires_grad
+    f.apply(net, 1)
+    assert net.head.weight.requires_grad
+    with pytest.raises(ValueError, match=r"'heda' matches no parameter.*did you mean 'head'"):
+        freeze(net, "heda")
 
 
 def test_frozen_parameters_get_no_gradient() -> None:

@@ -1,73 +1,38 @@
-"""Layer freezing and gradual unfreezing by parameter-name patterns.
+"""Gradual unfreezing: a schedule of which parameters train at each epoch (:class:`Freezer`).
 
-A frozen parameter has ``requires_grad=False``: autograd computes no gradient for it, so the
-optimizer never updates it, keeps no state for it and applies no weight decay to it (PyTorch
-optimizers skip parameters whose ``.grad`` is None). BatchNorm layers whose weights are all
-frozen are kept in eval mode, so their running statistics stay those of the pretrained model.
-
-Patterns match a parameter name with ``fnmatch`` or a module name (a prefix of the parameter
-name), so ``"stem"``, ``"stem.*"`` and ``"stem.0.weight"`` all work.
+Freezing itself has one implementation, :func:`kiln.models.freeze` / :func:`kiln.models.unfreeze`
+(re-exported here): a pattern (a string or a list of strings) matches a module name, a parameter
+name or an ``fnmatch`` glob, a module class selects the parameters modules of that type own, and
+the result is a :class:`kiln.models.FreezeReport`. BatchNorm layers whose weights are all frozen
+are kept in eval mode by :func:`frozen_bn_eval`, so their running statistics stay those of the
+pretrained model.
 
 Example:
     >>> from torch import nn
     >>> net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
-    >>> freeze(net, ["0", "1"])
-    ['0.bias', '0.weight', '1.bias', '1.weight']
-    >>> [n for n, p in net.named_parameters() if p.requires_grad]
-    ['2.weight', '2.bias']
+    >>> freeze(net, ["0", "1"]).changed
+    ('0.bias', '0.weight', '1.bias', '1.weight')
+    >>> freeze(net, "2").matched  # one pattern as a plain string
+    ('2.bias', '2.weight')
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from fnmatch import fnmatchcase
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["Freezer", "freeze", "frozen_bn_eval", "matching_parameters", "unfreeze"]
+from kiln.models.trainable import FreezeReport, freeze, matching_parameters, unfreeze
 
-
-def _matches(name: str, pattern: str) -> bool:
-    return name == pattern or name.startswith(pattern + ".") or fnmatchcase(name, pattern)
-
-
-def matching_parameters(model: nn.Module, patterns: Sequence[str]) -> list[str]:
-    """Sorted names of the parameters any of ``patterns`` matches.
-
-    Raises:
-        ValueError: a pattern matches nothing (the message lists the top-level modules).
-    """
-    names = [n for n, _ in model.named_parameters()]
-    hits: set[str] = set()
-    for pattern in patterns:
-        found = {n for n in names if _matches(n, pattern)}
-        if not found:
-            tops = sorted({n.split(".")[0] for n in names})
-            raise ValueError(
-                f"freeze pattern {pattern!r} matches no parameter of {type(model).__name__}; "
-                f"top-level modules: {', '.join(tops)} (use e.g. '{tops[0]}' or '{tops[0]}.*')"
-            )
-        hits |= found
-    return sorted(hits)
-
-
-def _set(model: nn.Module, patterns: Sequence[str], flag: bool) -> list[str]:
-    names = matching_parameters(model, patterns)
-    params = dict(model.named_parameters())
-    for n in names:
-        params[n].requires_grad_(flag)
-    return names
-
-
-def freeze(model: nn.Module, patterns: Sequence[str]) -> list[str]:
-    """Set ``requires_grad=False`` on matching parameters; returns their names."""
-    return _set(model, patterns, False)
-
-
-def unfreeze(model: nn.Module, patterns: Sequence[str]) -> list[str]:
-    """Set ``requires_grad=True`` on matching parameters; returns their names."""
-    return _set(model, patterns, True)
+__all__ = [
+    "FreezeReport",
+    "Freezer",
+    "freeze",
+    "frozen_bn_eval",
+    "matching_parameters",
+    "unfreeze",
+]
 
 
 def frozen_bn_eval(model: nn.Module) -> list[str]:
@@ -85,6 +50,10 @@ def frozen_bn_eval(model: nn.Module) -> list[str]:
     return names
 
 
+def _patterns(value: str | Sequence[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
 class Freezer:
     """Freeze at the start, unfreeze group by group at chosen epochs (gradual unfreezing).
 
@@ -100,23 +69,23 @@ class Freezer:
         >>> from torch import nn
         >>> net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
         >>> f = Freezer(["0"], {2: ["0"]})
-        >>> f.apply(net, epoch=0)
+        >>> _ = f.apply(net, epoch=0)
         >>> net[0].weight.requires_grad
         False
-        >>> f.apply(net, epoch=2)
+        >>> _ = f.apply(net, epoch=2)
         >>> net[0].weight.requires_grad
         True
     """
 
     def __init__(
         self,
-        frozen: Sequence[str],
-        unfreeze_at: Mapping[int, Sequence[str]] | None = None,
+        frozen: str | Sequence[str],
+        unfreeze_at: Mapping[int, str | Sequence[str]] | None = None,
         *,
         bn_eval: bool = True,
     ) -> None:
-        self.frozen = list(frozen)
-        self.unfreeze_at = {int(k): list(v) for k, v in (unfreeze_at or {}).items()}
+        self.frozen = _patterns(frozen)
+        self.unfreeze_at = {int(k): _patterns(v) for k, v in (unfreeze_at or {}).items()}
         self.bn_eval = bn_eval
         if any(e < 0 for e in self.unfreeze_at):
             raise ValueError(f"freeze.unfreeze_at epochs must be >= 0, got {self.unfreeze_at}")
@@ -141,7 +110,7 @@ class Freezer:
         if self.frozen:
             freeze(model, self.frozen)
         for at in sorted(self.unfreeze_at):
-            if at <= epoch:
+            if at <= epoch and self.unfreeze_at[at]:
                 unfreeze(model, self.unfreeze_at[at])
         return [n for n, p in model.named_parameters() if p.requires_grad != before[n]]
 

@@ -23,16 +23,14 @@ Example:
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import nn
 
-from kiln.algorithms import freezing
-from kiln.config import suggest
 from kiln.models.summary import count_parameters
+from kiln.models.trainable import FreezeReport, _did_you_mean, _shown, freeze, unfreeze
 
 __all__ = [
     "Adapter",
@@ -44,18 +42,6 @@ __all__ = [
     "truncate",
     "unfreeze",
 ]
-
-TypeSpec = type[nn.Module] | str
-
-
-def _did_you_mean(word: str, choices: Sequence[str]) -> str:
-    hint = suggest(word, list(choices))
-    return f"did you mean {hint!r}? " if hint else ""
-
-
-def _shown(names: Sequence[str], limit: int = 12) -> str:
-    shown = ", ".join(repr(n) for n in names[:limit])
-    return shown + (", ..." if len(names) > limit else "")
 
 
 def _module(model: nn.Module, name: str) -> nn.Module:
@@ -73,171 +59,6 @@ def _module(model: nn.Module, name: str) -> nn.Module:
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(_module(model, parent_name), child, new)
-
-
-# --------------------------------------------------------------------------- freezing
-
-
-@dataclass(frozen=True)
-class FreezeReport:
-    """What a :func:`freeze` or :func:`unfreeze` call changed.
-
-    Attributes:
-        action: ``"froze"`` or ``"unfroze"``.
-        matched: names of every parameter the targets selected (sorted).
-        changed: the part of ``matched`` whose ``requires_grad`` actually flipped.
-        changed_elements: elements (``numel``) of the ``changed`` parameters.
-        trainable: trainable elements of the model after the call (tied weights once).
-        total: all elements of the model (tied weights once).
-
-    Example:
-        >>> from torch import nn
-        >>> report = freeze(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)), "0")
-        >>> report.changed, report.trainable
-        (('0.bias', '0.weight'), 3)
-    """
-
-    action: str
-    matched: tuple[str, ...]
-    changed: tuple[str, ...]
-    changed_elements: int
-    trainable: int
-    total: int
-
-    def __str__(self) -> str:
-        head = (
-            f"{self.action} {len(self.changed)} tensors ({self.changed_elements:,} elements); "
-            f"trainable now {self.trainable:,} of {self.total:,}"
-        )
-        same = len(self.matched) - len(self.changed)
-        return head + (f" ({same} matched tensors were already so)" if same else "")
-
-
-def _type_names(model: nn.Module) -> list[str]:
-    return sorted({type(m).__name__ for m in model.modules()})
-
-
-def _params_of_types(model: nn.Module, types: Sequence[TypeSpec]) -> list[str]:
-    """Names of the parameters owned directly by modules of the given types (or class names)."""
-    present = _type_names(model)
-    names: list[str] = []
-    for spec in types:
-        label = spec if isinstance(spec, str) else spec.__name__
-        if isinstance(spec, str) and spec not in present:
-            raise ValueError(
-                f"{type(model).__name__} has no module of type {spec!r}; "
-                f"{_did_you_mean(spec, present)}types present: {', '.join(present)}"
-            )
-        found = [
-            f"{mod_name}.{p_name}" if mod_name else p_name
-            for mod_name, m in model.named_modules()
-            if (type(m).__name__ == spec if isinstance(spec, str) else isinstance(m, spec))
-            for p_name, _ in m.named_parameters(recurse=False)
-        ]
-        if not found:
-            raise ValueError(
-                f"no parameter of {type(model).__name__} belongs to a module of type {label!r}; "
-                f"types present: {', '.join(present)}"
-            )
-        names += found
-    return names
-
-
-def _as_list(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    if isinstance(value, (str, type)):
-        return [value]
-    return list(value)
-
-
-def _set_trainable(
-    model: nn.Module,
-    names: str | Sequence[str] | None,
-    types: TypeSpec | Sequence[TypeSpec] | None,
-    flag: bool,
-) -> FreezeReport:
-    patterns: list[str] = _as_list(names)
-    type_specs: list[TypeSpec] = _as_list(types)
-    if not patterns and not type_specs:
-        raise ValueError(
-            "give parameter-name patterns (e.g. 'stem' or 'stages.0.*') and/or module types "
-            "(e.g. types=nn.BatchNorm2d or types='LayerNorm') to select what to change"
-        )
-    before = {n: p.requires_grad for n, p in model.named_parameters()}
-    for pattern in patterns:
-        try:
-            freezing.matching_parameters(model, [pattern])
-        except ValueError as err:
-            hint = _did_you_mean(pattern, [n for n, _ in model.named_modules() if n])
-            raise ValueError(f"{err}; {hint}".rstrip("; ")) from None
-    selected = patterns + _params_of_types(model, type_specs)
-    matched = (freezing.freeze if not flag else freezing.unfreeze)(model, selected)
-    params = dict(model.named_parameters())
-    changed = tuple(n for n in matched if before[n] != flag)
-    counts = count_parameters(model)
-    return FreezeReport(
-        action="unfroze" if flag else "froze",
-        matched=tuple(matched),
-        changed=changed,
-        changed_elements=sum(params[n].numel() for n in changed),
-        trainable=counts.trainable,
-        total=counts.total,
-    )
-
-
-def freeze(
-    model: nn.Module,
-    names: str | Sequence[str] | None = None,
-    *,
-    types: TypeSpec | Sequence[TypeSpec] | None = None,
-) -> FreezeReport:
-    """Stop training the selected parameters (``requires_grad=False``).
-
-    Built on :mod:`kiln.algorithms.freezing`: a name pattern matches a module name (``"stem"``
-    selects everything under it) or an ``fnmatch`` glob on parameter names (``"stages.0.*"``).
-    A type selects the parameters that modules of that class own directly. The optimizer
-    built by :func:`kiln.train.optim.build_optimizer` leaves frozen parameters out; build it
-    after freezing. Keep frozen BatchNorm layers in eval mode with
-    :func:`kiln.algorithms.freezing.frozen_bn_eval`.
-
-    Args:
-        model: the model, edited in place.
-        names: parameter-name patterns or module names.
-        types: module classes (``nn.BatchNorm2d``) or class names (``"LayerNorm"``).
-
-    Returns:
-        What changed, with the trainable count after the call; ``print()`` it.
-
-    Raises:
-        ValueError: nothing selected, or a pattern or type matches no parameter (the message
-            lists the candidates).
-
-    Example:
-        >>> from torch import nn
-        >>> net = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
-        >>> freeze(net, "0", types=nn.LayerNorm).changed
-        ('0.bias', '0.weight', '1.bias', '1.weight')
-    """
-    return _set_trainable(model, names, types, False)
-
-
-def unfreeze(
-    model: nn.Module,
-    names: str | Sequence[str] | None = None,
-    *,
-    types: TypeSpec | Sequence[TypeSpec] | None = None,
-) -> FreezeReport:
-    """Train the selected parameters again (``requires_grad=True``); see :func:`freeze`.
-
-    Example:
-        >>> from torch import nn
-        >>> net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-        >>> _ = freeze(net, "*")
-        >>> print(unfreeze(net, "1"))
-        unfroze 2 tensors (10 elements); trainable now 10 of 30
-    """
-    return _set_trainable(model, names, types, True)
 
 
 # --------------------------------------------------------------------------- head
