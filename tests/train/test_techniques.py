@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -365,58 +363,7 @@ def test_auto_microbatch_gives_up_at_one_example(make_cfg) -> None:
         Trainer(cfg, model=model, data=data, verbose=False).fit()
 
 
-# ---------------------------------------------------------------- everything at once
-
-
-class StopAt:
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_update_end(self, trainer: Trainer, step: int) -> None:
-        if step == self.step:
-            trainer.request_stop("test", interrupt=True)
-
-
-def test_resume_with_every_technique_is_bit_identical(make_cfg, tmp_path: Path) -> None:
-    common = (
-        "model.name=resnet",
-        "model.kwargs={width: 4, depths: [1, 1]}",
-        "data.layout=image",
-        "data.image_size=8",
-        "model.drop_path=0.2",
-        "mix.mixup_alpha=0.4",
-        "mix.cutmix_alpha=1.0",
-        "mix.prob=0.8",
-        "ema.enabled=true",
-        "swa.enabled=true",
-        "swa.start_epoch=1",
-        "freeze.modules=[stem]",
-        "freeze.unfreeze_at={1: [stem]}",
-        "train.epochs=3",
-        "data.batch_size=100",
-    )
-    straight = Trainer(make_cfg(*common, "name=straight"), verbose=False)
-    n = straight.n_batches
-    straight.fit()
-    first = Trainer(make_cfg(*common, "name=cut"), callbacks=[StopAt(n + n // 2)], verbose=False)
-    with pytest.raises(Exception, match="stopped by test"):
-        first.fit()
-    resumed = Trainer(make_cfg(*common, "name=cut", f"resume={first.run_dir}"), verbose=False)
-    resumed.fit()
-    a = load_checkpoint(resolve_checkpoint(straight.run_dir))
-    b = load_checkpoint(resolve_checkpoint(resumed.run_dir))
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
-    ta, tb = a["techniques"], b["techniques"]
-    assert torch.equal(ta["mixer"]["generator"], tb["mixer"]["generator"])
-    for k, v in ta["ema"]["shadow"].items():
-        assert torch.equal(v, tb["ema"]["shadow"][k]), k
-    for k, v in ta["swa"]["averaged"].items():
-        assert torch.equal(v, tb["swa"]["averaged"][k]), k
-    wa = load_file(straight.run_dir / "model.safetensors")
-    wb = load_file(resumed.run_dir / "model.safetensors")
-    for k, v in wa.items():
-        assert torch.equal(v, wb[k]), k
+# every technique at once, resumed: tests/train/test_resume.py
 
 
 def test_model_init_key_applies_the_scheme(make_cfg) -> None:
