@@ -176,7 +176,7 @@ CHECKPOINTS: dict[str, tuple[Callable[[Path, Path], None], str]] = {
         "corrupt or truncated",
     ),
     "missing keys": (lambda r, b: _write_ckpt_without_weights(r), "lacks 'model'"),
-    "last points outside": (lambda r, b: _point_outside(r), "outside"),
+    "last points outside": (lambda r, b: _point_outside(r), "refused to follow"),
     "empty pointer": (
         lambda r, b: (r / "checkpoints" / "last").write_bytes(b""),
         "last is corrupt",
@@ -383,3 +383,20 @@ def test_sharded_folder_outside_the_checkpoints_is_refused(
     torch.save(saved, path)
     code, err = _cli(capsys, "consolidate", str(run))
     _assert_one_line(code, err, "not a folder beside the checkpoint")
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_load_sharded_never_hands_dcp_unchecked_metadata(tmp_path: Path) -> None:
+    """The trainer's own DCP load (past any checkpoint-file check) reads metadata safely too."""
+    import torch.distributed.checkpoint as dcp
+
+    from kiln.train import state
+
+    net = torch.nn.Linear(3, 2)
+    folder = tmp_path / "step-1.dcp"
+    dcp.save({"model": net.state_dict()}, checkpoint_id=str(folder))
+    marker = tmp_path / "pwned"
+    (folder / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(BaseException, match="refused"):
+        state.load_sharded(torch.nn.Linear(3, 2), None, folder)
+    assert not marker.exists()

@@ -170,7 +170,7 @@ def _safe_reader_class() -> type:
 
     from kiln.safeio.torchfile import check_zip
 
-    class SafeFileSystemReader(FileSystemReader):  # type: ignore[misc]
+    class SafeFileSystemReader(FileSystemReader):
         """``FileSystemReader`` whose metadata goes through :func:`read_metadata`."""
 
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:

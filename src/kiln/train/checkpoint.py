@@ -209,7 +209,7 @@ def _check_keys(p: Path, state: dict[str, Any], require: Sequence[str], fix: str
             f"checkpoint {p} is corrupt or not a Kiln checkpoint: it lacks "
             f"{', '.join(repr(k) for k in missing)}{fix}"
         )
-    wrong = [
+    wrong: list[str] = [
         k
         for k in ("model", "optimizer", "config", "loop", "engine")
         if k in state and not isinstance(state[k], Mapping)
@@ -328,7 +328,7 @@ def _read_index(path: Path) -> dict[str, Any]:
             f"{path} is corrupt; delete it (the step-N.ckpt files beside it stay valid) and "
             "run again"
         )
-    return index  # type: ignore[return-value]
+    return index
 
 
 class CheckpointManager:
