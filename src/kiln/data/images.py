@@ -5,7 +5,8 @@ image in ``__getitem__`` (also in DataLoader workers, since it pickles as a list
 Images are converted to RGB (or one grayscale channel when every image is grayscale), resized
 to ``image_size x image_size`` (bilinear, aspect ratio not kept), scaled to [0, 1] and
 normalised with per-channel mean/std measured on the train split only. torchvision is not a
-dependency (see DESIGN.md), so these few transforms are written here.
+dependency (see DESIGN.md), so these few transforms are written here. Every file is decoded once
+when the data is built, so a damaged or non-image file is refused by name before training starts.
 
 Example:
     >>> from kiln.config import DataConfig
