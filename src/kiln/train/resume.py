@@ -61,18 +61,19 @@ def completed_message(
     """Why resuming from ``loop`` (a checkpoint's counters) has nothing to do, or None.
 
     Complete means: ``summary.json`` was written at this checkpoint's step (the fit ended here),
-    and either no update is left under ``cfg`` or the run stopped early and early stopping is
-    still on. A larger ``train.epochs`` / ``train.max_steps`` makes a finished run resumable.
+    and either the run stopped early or no update is left under ``cfg``. A larger
+    ``train.epochs`` / ``train.max_steps`` makes a finished (not early-stopped) run resumable.
     """
     summary = read_summary(run_dir)
     step, epoch = int(loop["step"]), int(loop["epoch"])
     if summary is None or summary.get("steps") != step:
         return None  # the fit did not end at this checkpoint: there is work left
     stopped = summary.get("stopped")
-    if stopped and cfg.early_stop.enabled:
+    if stopped:  # it ended normally before its length (early stopping, a stop request)
         return (
-            f"run {run_dir} already stopped early at epoch {epoch}, step {step} ({stopped}); "
-            "nothing to do. To train on regardless, resume with early_stop.enabled=false"
+            f"run {run_dir} already stopped early at epoch {epoch}, step {step} ({stopped}), "
+            "so it is complete; nothing to do. To train without early stopping, start a new run "
+            "with early_stop.enabled=false"
         )
     # The same test as the Trainer's loop: is another update due?
     left = step < total_steps and (cfg.train.max_steps or epoch < cfg.train.epochs)
