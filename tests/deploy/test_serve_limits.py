@@ -49,7 +49,7 @@ def quick(run_dir: Path) -> Iterator[Server]:
         assert s.close() == 0
 
 
-def _connect(port: int, timeout: float = 10.0) -> socket.socket:
+def _connect(port: int, timeout: float = 20.0) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     s.settimeout(timeout)
     return s
@@ -117,7 +117,7 @@ def test_idle_flood_is_capped_and_health_answers(run_dir: Path) -> None:
             socks.append(_connect(server.port))
         start = time.monotonic()
         assert _health(server.port) == 200
-        assert time.monotonic() - start < 5.0
+        assert time.monotonic() - start < 10.0
         # The server closed all but about `cap` of them (the newest): they read end-of-file.
         assert _count_closed(socks, want=n - cap - 1, within_s=20.0) >= n - cap - 1
         status, answer = server.predict([[[0.5] * 32] * 32])
@@ -139,7 +139,7 @@ def test_idle_keep_alive_connection_is_closed(quick: Server) -> None:
     finally:
         s.close()
     assert data.startswith(b"HTTP/1.1 200") and b"408" not in data
-    assert 0.5 < took < 5.0, took
+    assert 0.5 < took < 10.0, took
     # a connection that never sends a byte goes the same way
     s = _connect(quick.port)
     try:
@@ -168,7 +168,7 @@ def test_partial_request_answered_408_and_closed(quick: Server, sent: bytes) -> 
         s.close()
     assert data.startswith(b"HTTP/1.1 408 "), data[:80]
     assert b"Connection: close" in data
-    assert took < 5.0, took
+    assert took < 10.0, took
     assert _health(quick.port) == 200
 
 

@@ -27,6 +27,7 @@ Example:
     ...     return Response(200, req.body or b"{}", "application/json")
     >>> import socket; sock = bind_socket("127.0.0.1", 0)
     >>> front = HTTPFront(echo, sock, Limits(max_body=1024))       # doctest: +SKIP
+    >>> sock.close()
 """
 
 from __future__ import annotations
