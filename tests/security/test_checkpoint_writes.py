@@ -156,3 +156,27 @@ def test_disk_full_during_training_is_one_line_and_resumable(
     assert not [p for p in folder.iterdir() if ".tmp-" in p.name]
     saved = load_checkpoint(resolve_checkpoint(folder.parent), require=ckpt_mod.RESUME_KEYS)
     assert saved["loop"]["epoch"] >= 0
+
+
+def test_disk_full_writing_model_safetensors_is_one_disk_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from kiln.config import load_config
+    from kiln.data.base import DataInfo
+    from kiln.train.weights import save_weights
+
+    def full(model, filename, metadata=None, **kwargs):
+        Path(filename).write_bytes(b"partial")
+        raise SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+
+    monkeypatch.setattr(safetensors.torch, "save_model", full)
+    cfg = load_config("configs/digits_mlp.yaml", [f"out_dir={tmp_path}"])
+    info = DataInfo(task="classification", input_shape=(64,), num_classes=10)
+    with pytest.raises(DiskError, match=r"disk is full .*kiln consolidate"):
+        save_weights(torch.nn.Linear(64, 10), tmp_path / "model.safetensors", cfg, info)
+    assert list(tmp_path.iterdir()) == []  # the partial temp file is gone

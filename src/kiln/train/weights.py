@@ -27,13 +27,25 @@ WEIGHTS = "model.safetensors"
 
 def save_weights(model: nn.Module, path: str | Path, cfg: Config, info: DataInfo) -> Path:
     """Write ``model``'s weights to ``path`` with the config and data info as metadata."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_model
+
+    from kiln.errors import DiskError
 
     p = Path(path)
     tmp = p.with_name(f".{p.name}.tmp")
     meta = {"kiln_config": dump_config(cfg), "kiln_data_info": json.dumps(asdict(info))}
-    save_model(model, str(tmp), metadata=meta)
-    tmp.replace(p)
+    try:
+        save_model(model, str(tmp), metadata=meta)
+        tmp.replace(p)
+    except (OSError, SafetensorError) as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) or "os error 28" not in str(exc):
+            raise  # an OSError (ENOSPC included) is already one line in the CLI
+        raise DiskError(
+            f"the disk is full writing {p}: free space, then write the weights from the last "
+            f"checkpoint (intact) with `kiln consolidate {p.parent} --out {p}`"
+        ) from None
     return p
 
 
