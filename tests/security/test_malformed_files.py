@@ -400,3 +400,21 @@ def test_load_sharded_never_hands_dcp_unchecked_metadata(tmp_path: Path) -> None
     with pytest.raises(BaseException, match="refused"):
         state.load_sharded(torch.nn.Linear(3, 2), None, folder)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("loader", ["load_quantized", "load_pruned", "quantize CLI"])
+def test_compressed_model_loaders_check_the_header(
+    loader: str, run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kiln.compress.prune_io import load_pruned
+    from kiln.compress.quantize import load_quantized
+    from kiln.errors import CorruptFileError
+
+    _rewrite(run / "model.safetensors", _offsets_out)
+    if loader == "quantize CLI":
+        code, err = _cli(capsys, "quantize", str(run), "--method", "dynamic")
+        _assert_one_line(code, err, "model.safetensors is corrupt")
+        return
+    load = {"load_quantized": load_quantized, "load_pruned": load_pruned}[loader]
+    with pytest.raises(CorruptFileError, match="outside"):
+        load(run)

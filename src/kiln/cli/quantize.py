@@ -74,10 +74,9 @@ def _example(loader: Any) -> torch.Tensor:
 
 def _metadata(weights: Path) -> dict[str, str]:
     """The run's Kiln metadata (config, data info), saved with the quantized model too."""
-    from safetensors import safe_open
+    from kiln.safeio.tensorfile import read_header
 
-    with safe_open(str(weights), "pt") as f:
-        meta = f.metadata() or {}
+    meta = read_header(weights)[1]  # a damaged header is one line naming the file
     return {k: v for k, v in meta.items() if k in ("kiln_config", "kiln_data_info")}
 
 

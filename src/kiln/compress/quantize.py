@@ -330,7 +330,7 @@ def _load_state(model: nn.Module, state: dict[str, Any]) -> None:
 
 def read_recipe(path: str | Path) -> tuple[Path, dict[str, str]]:
     """The ``model.safetensors`` under ``path`` (a folder or the file) and its metadata."""
-    from safetensors import safe_open
+    from kiln.safeio.tensorfile import read_header
 
     p = Path(path)
     file = p / WEIGHTS if p.is_dir() else p
@@ -338,8 +338,7 @@ def read_recipe(path: str | Path) -> tuple[Path, dict[str, str]]:
         raise FileNotFoundError(
             f"no {WEIGHTS} in {p}; quantize first: kiln quantize RUN --method dynamic"
         )
-    with safe_open(str(file), "pt") as f:
-        meta = f.metadata() or {}
+    meta = read_header(file)[1]  # a damaged header is one line naming the file
     if "kiln_quant" not in meta:
         raise ValueError(
             f"{file} is not a Kiln quantized model (no kiln_quant metadata); load fp32 "
