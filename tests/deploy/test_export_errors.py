@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runners import HELPERS, kiln_env
+from runners import kiln_env
 from torch import nn
 from training import train_digits_mlp
 
@@ -59,7 +60,8 @@ def branchy_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def _kiln(code: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """``kiln ARGS --trust-code`` with the user's module importable (their own run's target)."""
-    env = kiln_env(PYTHONPATH=f"{HELPERS}{':'}{code}")
+    env = kiln_env()  # keeps an existing PYTHONPATH: a mutation copy's src comes first
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(code)])
     return subprocess.run(
         [sys.executable, "-m", "kiln", *args, "--trust-code"],
         capture_output=True,
