@@ -335,8 +335,7 @@ class Engine:
             )
             totals = distributed.all_reduce_sum(totals)
             if grads:
-                factor = (totals[0] / totals[1]).float()
-                torch._foreach_mul_(grads, factor)
+                torch._foreach_mul_(grads, (totals[0] / totals[1]).float())
             return
         factor = group.correction()
         if factor != 1.0 and grads:
