@@ -160,7 +160,7 @@ CASES: dict[str, tuple[Maker, str]] = {
     ),
     "csv-label-column-missing": (
         lambda t: _csv(t, GOOD_CSV, target="species"),
-        r"target column 'species' is not in table\.csv; columns: a, b, label",
+        r"target column 'species' is not in \S*table\.csv; columns: a, b, label",
     ),
     "csv-huge-unquoted-cell": (
         lambda t: _csv(t, 'a,b,label\n1,2,"' + "x" * 200_000 + "\n"),
