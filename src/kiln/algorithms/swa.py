@@ -125,12 +125,12 @@ class SWA:
             _write_lrs(optimizer, self.scheduler.get_last_lr())
 
 
-def _write_lrs(optimizer: torch.optim.Optimizer, lrs: list[float]) -> None:
+def _write_lrs(optimizer: torch.optim.Optimizer, lrs: list[float | torch.Tensor]) -> None:
     for group, lr in zip(optimizer.param_groups, lrs, strict=True):
         if isinstance(group["lr"], torch.Tensor):
             group["lr"].fill_(lr)  # a tensor LR (capturable/fused optimizers) keeps its identity
         else:
-            group["lr"] = float(lr)
+            group["lr"] = float(lr)  # a tensor here would alias the scheduler's own value
 
 
 @torch.no_grad()
