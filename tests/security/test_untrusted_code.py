@@ -115,6 +115,8 @@ def assert_refused(proc: subprocess.CompletedProcess[str], target: str, marker: 
 
 WEIGHT_VERBS = {
     "serve": ["serve", "{run}", "--port", "0"],
+    # The supervisor keeps the worker's exit 2 and its one line (not one line per worker).
+    "serve-workers": ["serve", "{run}", "--port", "0", "--workers", "2"],
     "eval": ["eval", "{run}"],
     "eval-ensemble": ["eval", "{run}", "{run}"],
     "export": ["export", "{run}", "--format", "exported"],

@@ -35,6 +35,7 @@ import sys
 import threading
 from types import FrameType
 
+from kiln.cli.errors import EXIT_USAGE
 from kiln.errors import PortError, UsageError
 
 __all__ = ["check_host", "check_port", "run_serve"]
@@ -263,21 +264,31 @@ def _supervise(
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     cmd = [sys.executable, "-m", "kiln", "serve", *targets, f"--host={host}", f"--port={port}"]
     cmd.append(f"--threads={threads}")
-    procs = [
-        subprocess.Popen([*cmd, "--reuse-port", *extra], stdout=subprocess.PIPE, text=True)
-        for _ in range(workers)
-    ]
+
+    def spawn() -> subprocess.Popen[str]:
+        return subprocess.Popen([*cmd, "--reuse-port", *extra], stdout=subprocess.PIPE, text=True)
+
+    def ready(proc: subprocess.Popen[str]) -> str:
+        """Wait for a worker's ready line; its model kind. A refusal keeps the worker's code."""
+        assert proc.stdout is not None
+        m = re.search(r"\((.+)\) on http", proc.stdout.readline())
+        if m:
+            return m.group(1)
+        code = proc.wait()
+        if code == EXIT_USAGE:  # the worker printed the user's error in one line already
+            raise SystemExit(code)
+        raise RuntimeError(f"a worker failed to start (exit {code}); see above")
+
+    # The first worker starts alone: a target it refuses (unsafe, corrupt, missing) is then
+    # reported once, by that worker, instead of once per worker.
+    procs = [spawn()]
     stop = threading.Event()
     old = _signals(stop)
     try:
-        kind = ""
-        for proc in procs:  # each prints one line when it is ready
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            m = re.search(r"\((.+)\) on http", line)
-            if not m:
-                raise RuntimeError(f"a worker failed to start (exit {proc.wait()}); see above")
-            kind = m.group(1)
+        kind = ready(procs[0])
+        procs += [spawn() for _ in range(workers - 1)]
+        for proc in procs[1:]:  # each prints one line when it is ready
+            kind = ready(proc)
         holder.close()
         url = f"http://{host}:{port}"
         name = " ".join(targets)
