@@ -157,8 +157,12 @@ def test_eval_checkpoint_refuses_a_target(trained: Path, work: Path, forged: str
 
 @pytest.mark.parametrize(
     "args",
-    [["eval", "{run}", "--snapshots", "1"], ["prune", "{run}", "--rewind"]],
-    ids=["eval-snapshots", "prune-rewind"],
+    [
+        ["eval", "{run}", "--snapshots", "1"],
+        ["prune", "{run}", "--rewind"],
+        ["train", "resume={run}", "train.epochs=2"],  # no config given: the run's own is read
+    ],
+    ids=["eval-snapshots", "prune-rewind", "train-resume"],
 )
 def test_verbs_that_rebuild_from_the_run_config_refuse_a_target(
     trained: Path, work: Path, args: list[str]

@@ -53,13 +53,17 @@ def train(
     print_config: Annotated[
         bool, typer.Option("--print-config", help="print the resolved config and exit")
     ] = False,
+    trust_code: TrustCode = False,
     debug: Debug = False,
 ) -> None:
     """Train a model from a YAML config plus key.sub=value overrides."""
     from kiln.cli.errors import run_cli
     from kiln.cli.train import run_train
 
-    run_cli(lambda: run_train(args or [], print_config=print_config), debug=debug)
+    run_cli(
+        lambda: run_train(args or [], print_config=print_config, trust_code=trust_code),
+        debug=debug,
+    )
 
 
 @app.command("eval")

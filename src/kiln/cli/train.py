@@ -13,11 +13,19 @@ def split_args(args: list[str]) -> tuple[str | None, list[str]]:
     return None, args
 
 
-def run_train(args: list[str], *, print_config: bool = False) -> None:
+def run_train(args: list[str], *, print_config: bool = False, trust_code: bool = False) -> None:
     from kiln.config import dump_config, load_config
 
     path, overrides = split_args(args)
-    cfg = load_config(Path(path) if path else _resumed_config(overrides), overrides)
+    found = None if path else _resumed_config(overrides)
+    cfg = load_config(Path(path) if path else found, overrides)
+    if found is not None:
+        from kiln.trust import refuse_file_target
+
+        # The run's own config.yaml was read because no config was given: an import path in it
+        # is the file's choice, not the user's, unless they name it or opt in.
+        chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("model.target=")]
+        refuse_file_target(cfg.model.target, found, trust_code=trust_code, chosen=chosen)
     if print_config:
         print(dump_config(cfg), end="")
         return
