@@ -50,6 +50,29 @@ class EarlyStopping:
             self.bad += 1
         return self.bad >= self.patience
 
+    def check(self, monitor: str, val: dict[str, float]) -> str | None:
+        """Record the validation metric named by ``monitor`` (``val/<name>``); why to stop or None.
+
+        Raises:
+            ValueError: ``monitor`` is not among the validation metrics.
+
+        Example:
+            >>> EarlyStopping(patience=1).check("val/loss", {"loss": float("nan")})[:14]
+            'early stopping'
+        """
+        name = monitor.split("/", 1)[1]
+        if name not in val:
+            raise ValueError(
+                f"early_stop.monitor={monitor!r} is not a validation metric; "
+                f"available: {', '.join('val/' + k for k in val)}"
+            )
+        if not self.step(val[name]):
+            return None
+        return (
+            f"early stopping: {monitor} did not improve by more than {self.min_delta:g} "
+            f"for {self.patience} validations"
+        )
+
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "bad": self.bad}
 

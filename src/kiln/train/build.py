@@ -231,6 +231,22 @@ def loader_for(
     )
 
 
+def loaders_for(
+    cfg: Config, data: DataBundle, *, device: torch.device, rank: int, world: int, fsdp: bool
+) -> tuple[Loader, Loader | None, Loader | None]:
+    """The train loader (this rank's shard), and the val and test loaders (None when empty).
+
+    Validation shards over the ranks only when they can evaluate independently (FSDP2's forward
+    is a collective, so every rank then sees all of it); test runs on every rank in full.
+    """
+    shard = {"rank": rank, "world": world}
+    train = loader_for(cfg, data.train, train=True, device=device, **shard)
+    val_shard = {} if fsdp else shard
+    val = loader_for(cfg, data.val, train=False, device=device, **val_shard) if data.val else None
+    test = loader_for(cfg, data.test, train=False, device=device) if data.test else None
+    return train, val, test
+
+
 def new_run_dir(out_dir: str | Path, name: str) -> Path:
     """``out_dir/name``, or ``name-1``, ``name-2``... when it exists: never overwrite a run."""
     base = Path(out_dir)

@@ -47,6 +47,19 @@ class MetricsLogger:
             self._tb.close()
 
 
+def epoch_line(
+    epoch: int, epochs: int, step: int, metrics: dict[str, float], seconds: float
+) -> str:
+    """The line printed at the end of an epoch: where training is and the validation metrics.
+
+    Example:
+        >>> epoch_line(2, 5, 40, {"val/acc": 0.91234, "epoch": 2}, 1.25)
+        'epoch 2/5  step 40  val/acc 0.9123  (1.2s)'
+    """
+    shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("val/"))
+    return f"epoch {epoch}/{epochs}  step {step}  {shown}  ({seconds:.1f}s)"
+
+
 def _jsonable(obj: Any) -> Any:
     return float(obj) if hasattr(obj, "__float__") else str(obj)
 

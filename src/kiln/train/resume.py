@@ -6,6 +6,8 @@
 * :func:`completed_message`: a run whose checkpoint is its final one (``summary.json`` was written
   from it) and that has no epochs or steps left, or that stopped early, is complete; resuming it
   says so and changes nothing instead of training again or appending a duplicate test line.
+* :func:`locate_run`: the run directory and the checkpoint a process continues from (an explicit
+  ``resume=``, or the last checkpoint of a worker group that torchrun restarted).
 * :func:`completed_result`: the :class:`~kiln.train.finish.FitResult` of such a run, read back
   from its ``summary.json``.
 
@@ -22,12 +24,45 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.config import Config
+from kiln.train import build, distributed
+from kiln.train.checkpoint import resolve_checkpoint
 from kiln.train.finish import FitResult
 
 if TYPE_CHECKING:
     from kiln.train.trainer import Trainer
 
-__all__ = ["completed_message", "completed_result", "read_summary", "resume_record"]
+__all__ = [
+    "completed_message",
+    "completed_result",
+    "locate_run",
+    "read_summary",
+    "resume_record",
+]
+
+
+def locate_run(
+    cfg: Config, run_dir: str | Path | None, *, is_zero: bool
+) -> tuple[Path, Path | None, bool]:
+    """Where this process writes and what it resumes: ``(run_dir, checkpoint or None, elastic)``.
+
+    A checkpoint inside ``RUN/checkpoints`` continues in ``RUN``; a fresh run gets a new folder
+    (rank 0 chooses, every rank learns it). A worker group restarted by torchrun (``elastic``)
+    continues from its run's last checkpoint.
+    """
+    resume = resolve_checkpoint(cfg.resume) if cfg.resume else None
+    chosen: Path | None = None
+    if run_dir is not None:
+        chosen = Path(run_dir)
+    elif resume is not None and resume.parent.name == "checkpoints":
+        chosen = resume.parent.parent
+    elif is_zero:
+        earlier = distributed.elastic_run_dir(Path(cfg.out_dir), cfg.name)
+        chosen = earlier or build.new_run_dir(cfg.out_dir, cfg.name)
+    chosen = distributed.broadcast_object(chosen)
+    restarted = resume is None and distributed.restart_count() > 0
+    if restarted and (chosen / "checkpoints" / "last").is_file():
+        resume = resolve_checkpoint(chosen)
+    return chosen, resume, restarted
 
 
 def resume_record(loop: dict[str, Any], checkpoint: Path, world_size: int, elastic: bool) -> dict:

@@ -51,16 +51,16 @@ from kiln.data.base import DataBundle
 from kiln.data.loader import batch_sizes, start_epoch
 from kiln.train import build, distributed, resume_policy, snapshots
 from kiln.train.callbacks import Callbacks
-from kiln.train.checkpoint import CheckpointManager, resolve_checkpoint
+from kiln.train.checkpoint import CheckpointManager
 from kiln.train.evaluation import evaluate, monitor_mode
 from kiln.train.finish import FitResult, finish
 from kiln.train.guard import handle_nonfinite
-from kiln.train.logging import MetricsLogger, Progress
+from kiln.train.logging import MetricsLogger, Progress, epoch_line
 from kiln.train.metrics import build_metrics
 from kiln.train.microbatch import forward_backward_or_shrink
 from kiln.train.optim import build_optimizer, build_scheduler
 from kiln.train.reproducibility import seed_everything, set_deterministic
-from kiln.train.resume import completed_message, completed_result, resume_record
+from kiln.train.resume import completed_message, completed_result, locate_run, resume_record
 from kiln.train.signals import stop_on_signals
 from kiln.train.techniques import Techniques, check_techniques
 
@@ -161,19 +161,13 @@ class Trainer:
             # Unfrozen later, so they stay in the optimizer; with no grad they get no update.
             freezer.apply(model, epoch=0)
         dev = self.engine.device
-        shard = {"rank": world.rank, "world": world.size}
-        # Eval shards only when ranks can evaluate independently (FSDP2's forward is collective).
-        eval_shard = shard if self.engine.strategy != "fsdp" else {}
-        self.train_loader = build.loader_for(cfg, self.data.train, train=True, device=dev, **shard)
-        self.val_loader = (
-            build.loader_for(cfg, self.data.val, train=False, device=dev, **eval_shard)
-            if self.data.val
-            else None
-        )
-        self.test_loader = (
-            build.loader_for(cfg, self.data.test, train=False, device=dev)
-            if self.data.test
-            else None
+        self.train_loader, self.val_loader, self.test_loader = build.loaders_for(
+            cfg,
+            self.data,
+            device=dev,
+            rank=world.rank,
+            world=world.size,
+            fsdp=self.engine.strategy == "fsdp",
         )
         per_rank = build.per_rank_batch(cfg, world.size)
         sizes = batch_sizes(len(self.train_loader.sampler), per_rank, cfg.data.drop_last)  # type: ignore[arg-type]
@@ -212,19 +206,7 @@ class Trainer:
                 patience=es.patience,
                 min_delta=es.min_delta,
             )
-        resume = resolve_checkpoint(cfg.resume) if cfg.resume else None
-        if run_dir is not None:
-            self.run_dir = Path(run_dir)
-        elif resume is not None and resume.parent.name == "checkpoints":
-            self.run_dir = resume.parent.parent
-        elif self.is_zero:
-            earlier = distributed.elastic_run_dir(Path(cfg.out_dir), cfg.name)
-            self.run_dir = earlier or build.new_run_dir(cfg.out_dir, cfg.name)
-        self.run_dir = distributed.broadcast_object(getattr(self, "run_dir", None))
-        restarted = resume is None and distributed.restart_count() > 0
-        if restarted and (self.run_dir / "checkpoints" / "last").is_file():
-            # A worker group restarted by torchrun continues from its last checkpoint.
-            resume = resolve_checkpoint(self.run_dir)
+        self.run_dir, resume, restarted = locate_run(cfg, run_dir, is_zero=self.is_zero)
         if resume is not None:  # before writing anything: a failed resume changes no file
             self._resume_from(resume, elastic=restarted)
         if self.is_zero and self.complete is None:  # a complete run's files stay as they are
@@ -450,26 +432,16 @@ class Trainer:
             elif self.scheduler.interval == "plateau" and val:
                 self.scheduler.step(val[self.monitor.split("/", 1)[1]])
         if tech.early is not None and val:
-            name = self.early_monitor.split("/", 1)[1]
-            if name not in val:
-                raise ValueError(
-                    f"early_stop.monitor={self.early_monitor!r} is not a validation metric; "
-                    f"available: {', '.join('val/' + k for k in val)}"
-                )
-            if tech.early.step(val[name]):
-                self.request_stop(
-                    f"early stopping: {self.early_monitor} did not improve by more than "
-                    f"{tech.early.min_delta:g} for {tech.early.patience} validations"
-                )
+            reason = tech.early.check(self.early_monitor, val)
+            if reason is not None:
+                self.request_stop(reason)
         self.epoch += 1
         self.batch_in_epoch = 0
         self.logger.log(metrics, step=self.step)
         if self.verbose and self.is_zero:
-            shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("val/"))
-            line = f"epoch {self.epoch}/{cfg.train.epochs}  step {self.step}  {shown}"
+            line = epoch_line(self.epoch, cfg.train.epochs, self.step, metrics, seconds)
             if self.nonfinite_skipped:
                 line += f"  skipped {self.nonfinite_skipped} non-finite updates"
-            line += f"  ({seconds:.1f}s)"
             if self.progress.enabled:
                 self.progress.print(line)
             else:
