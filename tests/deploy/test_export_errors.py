@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runners import kiln_env
+from runners import run_kiln
 from torch import nn
 from training import train_digits_mlp
 
@@ -60,16 +59,7 @@ def branchy_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def _kiln(code: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """``kiln ARGS --trust-code`` with the user's module importable (their own run's target)."""
-    env = kiln_env()  # keeps an existing PYTHONPATH: a mutation copy's src comes first
-    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(code)])
-    return subprocess.run(
-        [sys.executable, "-m", "kiln", *args, "--trust-code"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=code,
-    )
+    return run_kiln(*args, "--trust-code", path=(code,))
 
 
 @pytest.mark.parametrize("fmt", ["exported", "onnx"])

@@ -22,16 +22,18 @@ def kiln_env(**extra: str) -> dict[str, str]:
 
 
 def run_kiln(
-    *args: str, cwd: Path | None = None, timeout: float = 300
+    *args: str, cwd: Path | None = None, timeout: float = 300, path: tuple[Path, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m kiln ARGS`` and capture its output."""
+    """Run ``python -m kiln ARGS`` and capture its output; ``path``: more importable folders."""
+    env = kiln_env()
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], *map(str, path)])
     return subprocess.run(
         [sys.executable, "-m", "kiln", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=kiln_env(),
+        env=env,
     )
 
 

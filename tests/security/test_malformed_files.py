@@ -17,7 +17,6 @@ import shlex
 import shutil
 import struct
 import subprocess
-import sys
 import time
 import zipfile
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runners import ROOT
+from runners import run_kiln
 
 from kiln.errors import KilnError
 
@@ -317,12 +316,7 @@ def _forge_sharded(run: Path, marker: Path, folder: str = "step-forged.dcp") -> 
 
 
 def _kiln(*args: str) -> subprocess.CompletedProcess[str]:
-    # keep PYTHONPATH (a scratch copy's src under the mutation runner) and add the helpers
-    path = os.pathsep.join([str(ROOT / "tests" / "helpers"), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "kiln", *args], capture_output=True, text=True, env=env, timeout=120
-    )
+    return run_kiln(*args, timeout=120)
 
 
 @pytest.mark.parametrize("verb", ["resume", "eval --checkpoint", "consolidate"])

@@ -15,7 +15,6 @@ import os
 import pickle
 import shutil
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from runners import kiln_env
+from runners import run_kiln
 from training import train_digits_mlp
 
 import kiln
@@ -31,17 +30,6 @@ from kiln.errors import ModelError, UnsafeFileError
 from kiln.trust import check_pt2
 
 SYSTEM = "os:system"
-
-
-def kiln_cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kiln", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=kiln_env(),
-    )
 
 
 def _payload(target: str, marker: Path) -> dict[str, Any]:
@@ -131,7 +119,7 @@ def test_verbs_refuse_a_target_in_the_weights_metadata(trained: Path, work: Path
     run, marker = _copy(trained, work), work / "MARKER"
     forge_weights(run / "model.safetensors", SYSTEM, marker)
     args = [a.format(run=run) for a in WEIGHT_VERBS[verb]]
-    assert_refused(kiln_cli(*args, cwd=work, timeout=60), SYSTEM, marker)
+    assert_refused(run_kiln(*args, cwd=work, timeout=60), SYSTEM, marker)
 
 
 def test_consolidate_refuses_a_target_in_the_checkpoint(trained: Path, work: Path) -> None:
@@ -139,7 +127,7 @@ def test_consolidate_refuses_a_target_in_the_checkpoint(trained: Path, work: Pat
     ckpt = _checkpoint(run)
     forge_checkpoint(ckpt, SYSTEM, marker)
     out = work / "out.safetensors"
-    assert_refused(kiln_cli("consolidate", str(ckpt), "--out", str(out), cwd=work), SYSTEM, marker)
+    assert_refused(run_kiln("consolidate", str(ckpt), "--out", str(out), cwd=work), SYSTEM, marker)
     assert not out.exists()
 
 
@@ -151,7 +139,7 @@ def test_eval_checkpoint_refuses_a_target(trained: Path, work: Path, forged: str
         forge_checkpoint(ckpt, SYSTEM, marker)
     else:
         forge_config(run, SYSTEM, marker)
-    proc = kiln_cli("eval", str(run), "--checkpoint", str(ckpt), cwd=work)
+    proc = run_kiln("eval", str(run), "--checkpoint", str(ckpt), cwd=work)
     assert_refused(proc, SYSTEM, marker)
 
 
@@ -169,7 +157,7 @@ def test_verbs_that_rebuild_from_the_run_config_refuse_a_target(
 ) -> None:
     run, marker = _copy(trained, work), work / "MARKER"
     forge_config(run, SYSTEM, marker)
-    proc = kiln_cli(*[a.format(run=run) for a in args], cwd=work)
+    proc = run_kiln(*[a.format(run=run) for a in args], cwd=work)
     assert_refused(proc, SYSTEM, marker)
 
 
@@ -229,7 +217,7 @@ def test_a_target_that_is_not_a_model_is_refused_uncalled_even_with_trust(
     with pytest.raises(ModelError, match=f"{target}.*refused without calling it"):
         kiln.load_model(run, trust_code=True)
     assert not marker.exists()
-    proc = kiln_cli("eval", str(run), "--trust-code", cwd=work)
+    proc = run_kiln("eval", str(run), "--trust-code", cwd=work)
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and target in proc.stderr
     assert not marker.exists()
@@ -241,7 +229,7 @@ def test_a_checkpoint_target_that_is_not_a_model_is_refused_even_with_trust(
     run, marker = _copy(trained, work), work / "MARKER"
     ckpt = _checkpoint(run)
     forge_checkpoint(ckpt, SYSTEM, marker)
-    proc = kiln_cli("consolidate", str(ckpt), "--trust-code", cwd=work)
+    proc = run_kiln("consolidate", str(ckpt), "--trust-code", cwd=work)
     assert proc.returncode == 2 and SYSTEM in proc.stderr, proc.stderr
     assert not marker.exists()
 
@@ -276,10 +264,10 @@ def test_own_target_needs_trust_and_works_with_it(own_run: Path, tmp_path: Path)
     shape = json.loads((own_run / "data_info.json").read_text())["input_shape"]
     assert model(torch.zeros(2, *shape)).shape == (2, 10)
 
-    refused = kiln_cli("eval", str(own_run), cwd=tmp_path)
+    refused = run_kiln("eval", str(own_run), cwd=tmp_path)
     assert refused.returncode == 2 and "usermodels:TinyNet" in refused.stderr
     assert "--trust-code" in refused.stderr
-    trusted = kiln_cli("eval", str(own_run), "--trust-code", cwd=tmp_path)
+    trusted = run_kiln("eval", str(own_run), "--trust-code", cwd=tmp_path)
     assert trusted.returncode == 0, trusted.stderr
     assert json.loads((own_run / "eval-test.json").read_text())
 
@@ -290,7 +278,7 @@ def test_own_target_in_a_config_passed_on_the_command_line_needs_no_opt_in(
     """``kiln inspect CONFIG`` with the user's own target: their choice, no --trust-code."""
     from runners import ROOT
 
-    proc = kiln_cli(
+    proc = run_kiln(
         "inspect",
         str(ROOT / "configs/digits_mlp.yaml"),
         "model.target=usermodels:TinyNet",
@@ -389,7 +377,7 @@ def test_serve_refuses_a_pickled_pt2(trained: Path, work: Path, pt2: Path) -> No
     run, marker = _copy(trained, work), work / "MARKER"
     bad = run / "bad.pt2"  # data_info.json in a parent folder: serve finds its data description
     _rewrite(pt2, bad, lambda r, d: _forge_pickled_weight(r, d, marker))
-    proc = kiln_cli("serve", str(bad), "--port", "0", cwd=work, timeout=60)
+    proc = run_kiln("serve", str(bad), "--port", "0", cwd=work, timeout=60)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--trust-code" in lines[0] and "bad.pt2" in lines[0], lines
