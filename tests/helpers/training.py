@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -33,3 +36,16 @@ def train_digits_mlp(out_dir: str | Path, *overrides: str) -> Path:
     base = [f"out_dir={out_dir}", "train.epochs=1", "log.tensorboard=false", "log.progress=false"]
     cfg = load_config(ROOT / "configs/digits_mlp.yaml", [*base, *overrides])
     return Path(Trainer(cfg, verbose=False).fit().run_dir)
+
+
+def plain_step(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[Any], None]:
+    """A textbook classification train step on an ``(x, y)`` batch, as a user writes it."""
+
+    def step(batch: Any) -> None:
+        x, y = batch
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step

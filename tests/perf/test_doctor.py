@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+from training import plain_step
 
 from kiln.cli.doctor import doctor_config
 from kiln.config import load_config
@@ -61,17 +62,6 @@ class Case:
 
     def run(self) -> list[Finding]:
         return check(self.model, self.loader, self.step, **self.kwargs)
-
-
-def plain_step(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[Any], None]:
-    def step(batch: Any) -> None:
-        x, y = batch
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
 
 
 def good_eval(model: nn.Module) -> Callable[[Any], torch.Tensor]:

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from runners import ROOT, run_kiln
 from torch import nn
+from training import plain_step
 
 from kiln.config import Config
 from kiln.doctor import check
@@ -80,23 +80,12 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(8, 8, generator=g), torch.randint(0, 3, (8,), generator=g))] * 3
 
 
-def _train_step(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[Any], None]:
-    def step(batch: Any) -> None:
-        x, y = batch
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
 def test_eval_mode_in_train_points_at_the_call_not_into_forward(
     user_net: type[nn.Module],
 ) -> None:
     model = user_net().eval()  # left over from an evaluation
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    step = _train_step(model, opt)
+    step = plain_step(model, opt)
     findings = check(model, _batches(), step, optimizer=opt, host=IDLE)
     assert [f.code for f in findings] == ["eval-mode-in-train"], format_report(findings)
     where = findings[0].where
@@ -116,7 +105,7 @@ def test_train_mode_in_eval_points_at_the_call_not_into_forward(
         return model(batch[0])  # no model.eval()
 
     findings = check(
-        model, _batches(), _train_step(model, opt), optimizer=opt, eval_fn=evaluate, host=IDLE
+        model, _batches(), plain_step(model, opt), optimizer=opt, eval_fn=evaluate, host=IDLE
     )
     assert [f.code for f in findings] == ["train-mode-in-eval"], format_report(findings)
     where = findings[0].where
@@ -129,7 +118,7 @@ def test_busy_host_with_default_threads_is_reported_with_the_fix(
 ) -> None:
     model = user_net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    findings = check(model, _batches(), _train_step(model, opt), optimizer=opt, host=BUSY)
+    findings = check(model, _batches(), plain_step(model, opt), optimizer=opt, host=BUSY)
     assert [f.code for f in findings] == ["threads-oversubscribed"], format_report(findings)
     found = findings[0]
     assert "torch.set_num_threads(1)" in found.what and "OMP_NUM_THREADS=1" in found.what
@@ -139,7 +128,7 @@ def test_busy_host_with_default_threads_is_reported_with_the_fix(
     assert found.why == ADVICE["threads-oversubscribed"].why and found.severity == "warning"
     assert "with 2 threads vs" in (found.cost or "") and "with 1 (" in (found.cost or "")
     assert torch.get_num_threads() == 1  # the cost measurement put the thread count back
-    assert check(model, _batches(), _train_step(model, opt), optimizer=opt, host=IDLE) == []
+    assert check(model, _batches(), plain_step(model, opt), optimizer=opt, host=IDLE) == []
 
 
 @pytest.mark.parametrize(
