@@ -21,6 +21,7 @@ Usage::
     make mutation                       # all entries
     python mutations/run.py -k resume   # entries whose mechanism or test mentions "resume"
     python mutations/run.py --list
+    python mutations/run.py --check     # every 'find' still applies (no tests run)
 """
 
 from __future__ import annotations
@@ -102,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-k", default="", help="only entries whose mechanism/test/file contains this")
     ap.add_argument("--list", action="store_true", help="list the entries and exit")
+    ap.add_argument(
+        "--check", action="store_true", help="only check that every 'find' occurs exactly once"
+    )
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per test run")
     args = ap.parse_args(argv)
     muts = [
@@ -111,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         for m in muts:
             print(f"{m.source:16} {m.mechanism}  ->  {m.test}")
         return 0
+    if args.check:
+        stale = [m for m in muts if (ROOT / m.file).read_text().count(m.find) != 1]
+        for m in stale:
+            print(f"stale: {m.source}: {m.mechanism} ({m.file})")
+        print(f"{len(muts) - len(stale)}/{len(muts)} entries apply")
+        return 1 if stale else 0
     rows = []
     for i, m in enumerate(muts, 1):
         print(f"[{i}/{len(muts)}] {m.mechanism} ...", end=" ", flush=True)
