@@ -112,5 +112,5 @@ def test_a_run_directory_stands_for_its_config(tmp_path: Path) -> None:
     assert path == str(tmp_path / "config.yaml") and overrides == ["optim.lr=0.5"]
     assert cfg.name == "digits_mlp" and cfg.optim.lr == 0.5
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match=r"without config\.yaml"):
+    with pytest.raises(FileNotFoundError, match=r"not a Kiln run directory"):
         load_job([str(tmp_path / "empty")])

@@ -149,8 +149,9 @@ def test_eval_checkpoint_refuses_a_target(trained: Path, work: Path, forged: str
         ["eval", "{run}", "--snapshots", "1"],
         ["prune", "{run}", "--rewind"],
         ["train", "resume={run}", "train.epochs=2"],  # no config given: the run's own is read
+        ["doctor", "{run}"],  # a run directory stands for its config.yaml (also profile, bench)
     ],
-    ids=["eval-snapshots", "prune-rewind", "train-resume"],
+    ids=["eval-snapshots", "prune-rewind", "train-resume", "doctor"],
 )
 def test_verbs_that_rebuild_from_the_run_config_refuse_a_target(
     trained: Path, work: Path, args: list[str]
@@ -270,6 +271,18 @@ def test_own_target_needs_trust_and_works_with_it(own_run: Path, tmp_path: Path)
     trusted = run_kiln("eval", str(own_run), "--trust-code", cwd=tmp_path)
     assert trusted.returncode == 0, trusted.stderr
     assert json.loads((own_run / "eval-test.json").read_text())
+
+
+def test_a_run_directory_given_to_doctor_profile_bench_needs_trust(own_run: Path) -> None:
+    """``kiln doctor|profile|bench RUN`` read the run's config.yaml: its target needs the opt-in."""
+    from kiln.cli.profile import load_job
+
+    with pytest.raises(UnsafeFileError, match=r"usermodels:TinyNet.*--trust-code"):
+        load_job([str(own_run)])
+    cfg, _, _ = load_job([str(own_run)], trust_code=True)
+    assert cfg.model.target == "usermodels:TinyNet"
+    named = load_job([str(own_run), "model.target=usermodels:TinyNet"])[0]  # named by the user
+    assert named.model.target == "usermodels:TinyNet"
 
 
 def test_own_target_in_a_config_passed_on_the_command_line_needs_no_opt_in(

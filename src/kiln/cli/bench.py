@@ -39,7 +39,12 @@ _BENCH_OPTIONS: dict[str, tuple[type, Any]] = {
 
 
 def run_bench(
-    args: list[str], *, apply: bool = False, repeats: int = 3, out: str | None = None
+    args: list[str],
+    *,
+    apply: bool = False,
+    repeats: int = 3,
+    out: str | None = None,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """Run the ablation of the job in ``args`` (CONFIG then overrides) and print the table.
 
@@ -49,6 +54,7 @@ def run_bench(
         apply: write ``best.yaml`` with the fastest config within the accuracy tolerance.
         repeats: runs per variant (medians are reported).
         out: output folder (default ``<out_dir>/<name>-bench``).
+        trust_code: allow a run directory's ``model.target`` import path (see :mod:`kiln.trust`).
 
     Returns:
         What was written to ``bench.json``.
@@ -66,7 +72,7 @@ def run_bench(
     names = opts.pop("variants")
     variants = tuple(n.strip() for n in names.split(",") if n.strip()) if names else None
     options = BenchOptions(repeats=repeats, variants=variants, **opts)
-    cfg, path, overrides = load_job(rest)
+    cfg, path, overrides = load_job(rest, trust_code=trust_code)
     folder = Path(out) if out else Path(cfg.out_dir) / f"{cfg.name}-bench"
     folder.mkdir(parents=True, exist_ok=True)
     print(

@@ -39,7 +39,7 @@ SCRIPT_HINT = (
 )
 
 
-def load_job(args: list[str]) -> Config:
+def load_job(args: list[str], *, trust_code: bool = False) -> Config:
     """The config ``args`` name: a YAML file or a run directory's ``config.yaml``, + overrides.
 
     Raises:
@@ -50,18 +50,15 @@ def load_job(args: list[str]) -> Config:
         >>> load_job(["train.epochs=2"]).train.epochs
         2
     """
+    from kiln.cli import profile
     from kiln.cli.train import split_args
-    from kiln.config import load_config
     from kiln.errors import UsageError
 
-    path, overrides = split_args(args)
+    path, _ = split_args(args)
     if path is not None and Path(path).suffix == ".py":
         raise UsageError(SCRIPT_HINT.format(path=path))
-    if path is not None and Path(path).is_dir():
-        path = str(Path(path) / "config.yaml")
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"not a Kiln run directory (no config.yaml): {args[0]}")
-    return load_config(Path(path) if path else None, overrides)
+    cfg: Config = profile.load_job(args, trust_code=trust_code)[0]
+    return cfg
 
 
 def doctor_config(cfg: Config, *, steps: int | None = None) -> tuple[list[Finding], str]:
@@ -166,11 +163,11 @@ def doctor_config(cfg: Config, *, steps: int | None = None) -> tuple[list[Findin
     return findings, ran
 
 
-def run_doctor(args: list[str]) -> None:
+def run_doctor(args: list[str], *, trust_code: bool = False) -> None:
     """``kiln doctor``: print the findings for the job ``args`` names (exit code 0)."""
     from kiln.perf.doctor_findings import format_report
 
-    cfg = load_job(args)
+    cfg = load_job(args, trust_code=trust_code)
     findings, ran = doctor_config(cfg)
     print(f"kiln doctor: {cfg.name}: {ran}", flush=True)
     if not findings or not sys.stdout.isatty():

@@ -375,25 +375,32 @@ def profile(
     ] = False,
     steps: Annotated[int, typer.Option(help="active profiled steps")] = 5,
     out: Annotated[str | None, typer.Option(help="folder for the trace and tables")] = None,
+    trust_code: TrustCode = False,
     debug: Debug = False,
 ) -> None:
     """torch.profiler over a few training steps: trace, top ops by time and memory."""
     from kiln.cli.errors import run_cli
     from kiln.cli.profile import run_profile
 
-    run_cli(lambda: run_profile(args, bottleneck=bottleneck, steps=steps, out=out), debug=debug)
+    run_cli(
+        lambda: run_profile(
+            args, bottleneck=bottleneck, steps=steps, out=out, trust_code=trust_code
+        ),
+        debug=debug,
+    )
 
 
 @app.command(context_settings=_EXTRA)
 def doctor(
     args: Annotated[list[str], typer.Argument(help=_ARGS_HELP, show_default=False)],
+    trust_code: TrustCode = False,
     debug: Debug = False,
 ) -> None:
     """Find common training mistakes: what, where, why it matters, how to fix, measured cost."""
     from kiln.cli.doctor import run_doctor
     from kiln.cli.errors import run_cli
 
-    run_cli(lambda: run_doctor(args), debug=debug)
+    run_cli(lambda: run_doctor(args, trust_code=trust_code), debug=debug)
 
 
 @app.command(context_settings=_EXTRA)
@@ -404,13 +411,17 @@ def bench(
     ] = False,
     repeats: Annotated[int, typer.Option(help="repeats per variant (median)")] = 3,
     out: Annotated[str | None, typer.Option(help="folder for the table and JSON")] = None,
+    trust_code: TrustCode = False,
     debug: Debug = False,
 ) -> None:
     """Technique ablation: time, memory and accuracy of one change at a time vs a baseline."""
     from kiln.cli.bench import run_bench
     from kiln.cli.errors import run_cli
 
-    run_cli(lambda: run_bench(args, apply=apply, repeats=repeats, out=out), debug=debug)
+    run_cli(
+        lambda: run_bench(args, apply=apply, repeats=repeats, out=out, trust_code=trust_code),
+        debug=debug,
+    )
 
 
 @app.command()

@@ -86,11 +86,13 @@ def split_options(
     return opts, rest
 
 
-def load_job(args: Sequence[str]) -> tuple[Any, str | None, list[str]]:
+def load_job(args: Sequence[str], *, trust_code: bool = False) -> tuple[Any, str | None, list[str]]:
     """The config of ``args`` (CONFIG.yaml or a run directory, then overrides).
 
-    A run directory stands for its resolved ``config.yaml``. Returns the validated config, the
-    config file (None for defaults only) and the overrides.
+    A run directory stands for its resolved ``config.yaml``; a ``model.target`` import path in it
+    was written by whoever made the run, so it needs ``trust_code`` (or the user naming it with
+    ``model.target=``), as in every verb that reads a run. A config file the user names is theirs.
+    Returns the validated config, the config file (None for defaults only) and the overrides.
 
     Example:
         >>> cfg, path, overrides = load_job(["model.kwargs.hidden=[8]"])
@@ -101,11 +103,20 @@ def load_job(args: Sequence[str]) -> tuple[Any, str | None, list[str]]:
     from kiln.config import load_config
 
     path, overrides = split_args(list(args))
-    if path is not None and Path(path).is_dir():
+    run_dir = path is not None and Path(path).is_dir()
+    if path is not None and run_dir:
         if not (Path(path) / "config.yaml").is_file():
-            raise ValueError(f"{path} is a folder without config.yaml: give a CONFIG.yaml or a run")
+            raise FileNotFoundError(
+                f"not a Kiln run directory (no config.yaml): {path}; give a CONFIG.yaml or a run"
+            )
         path = str(Path(path) / "config.yaml")
-    return load_config(path, overrides), path, overrides
+    cfg = load_config(path, overrides)
+    if run_dir and path is not None:
+        from kiln.trust import refuse_file_target
+
+        chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("model.target=")]
+        refuse_file_target(cfg.model.target, path, trust_code=trust_code, chosen=chosen)
+    return cfg, path, overrides
 
 
 def console() -> Any:
@@ -123,7 +134,12 @@ def _output(cfg: Any, out: str | None, suffix: str) -> Path:
 
 
 def run_profile(
-    args: list[str], *, bottleneck: bool = False, steps: int = 5, out: str | None = None
+    args: list[str],
+    *,
+    bottleneck: bool = False,
+    steps: int = 5,
+    out: str | None = None,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """Profile the job in ``args`` (CONFIG then overrides) and print the tables.
 
@@ -133,6 +149,7 @@ def run_profile(
         bottleneck: the phase breakdown instead of the op profile.
         steps: active profiled updates (with ``bottleneck``: updates per pass).
         out: output folder (default ``<out_dir>/<name>-profile``).
+        trust_code: allow a run directory's ``model.target`` import path (see :mod:`kiln.trust`).
 
     Returns:
         What was written to ``profile.json`` or ``bottleneck.json``.
@@ -147,7 +164,7 @@ def run_profile(
         raise ValueError(f"--steps must be >= 1 update, got {steps}")
     if opts["rows"] < 1:
         raise ValueError(f"profile.rows must be >= 1, got {opts['rows']}")
-    cfg, _, _ = load_job(rest)
+    cfg, _, _ = load_job(rest, trust_code=trust_code)
     folder = _output(cfg, out, "profile")
     if bottleneck:
         return _bottleneck(cfg, folder, steps, opts)
