@@ -15,12 +15,12 @@ from torch import nn
 
 from kiln.train import build, distributed, snapshots
 from kiln.train.evaluation import evaluate
-from kiln.train.guard import (
-    NonFiniteError,
+from kiln.train.final_checks import (
     check_final_metrics,
     final_weights_problem,
-    finite_weights,
+    nonfinite_tensors,
 )
+from kiln.train.guard import NonFiniteError
 from kiln.train.metrics import build_metrics
 from kiln.train.weights import save_weights
 
@@ -44,8 +44,11 @@ class FitResult:
 
 def finish(self: Trainer) -> FitResult:
     """Save the best weights as model.safetensors and measure them on the test split."""
-    if (self.batch_in_epoch or not self.cfg.checkpoint.every_epoch) and finite_weights(self):
-        self._save()  # the final position; a non-finite one must not push out a finite one
+    # The final position; a non-finite one must not push out a finite one. Sharded FSDP
+    # models are saved anyway (their ranks must agree; the weights are checked when written).
+    finite = snapshots.sharded(self) or not nonfinite_tensors(self.engine.model)  # type: ignore[arg-type]
+    if (self.batch_in_epoch or not self.cfg.checkpoint.every_epoch) and finite:
+        self._save()
     best_name = self.ckpts.best_name() if self.is_zero else None
     best_name = distributed.broadcast_object(best_name)
     best_file = self.ckpts.dir / best_name if best_name else None
@@ -55,7 +58,13 @@ def finish(self: Trainer) -> FitResult:
     result = FitResult(
         self.run_dir, self.step, best_checkpoint=best_file, stopped=self._stop_reason
     )
-    problem = final_weights_problem(self, final) if final is not None else None
+    problem = None
+    if final is not None:
+        saved = [self.ckpts.dir / name for name in self.ckpts.index["saved"]]
+        policy = self.cfg.train.nonfinite
+        problem = final_weights_problem(
+            final, checkpoints=saved, policy=policy, run_dir=self.run_dir
+        )
     if distributed.broadcast_object(problem):  # every rank stops: never write NaN weights
         raise NonFiniteError(problem)
     if final is not None:  # rank 0: plain weights, evaluated without collectives
@@ -86,7 +95,14 @@ def finish(self: Trainer) -> FitResult:
             summary["task_weights"] = self.loss_fn.task_weights()
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     result.val, result.test = distributed.broadcast_object((result.val, result.test))
-    check_final_metrics(self, {"val": result.val, "test": result.test})  # NaN loss: exit 2
+    check_final_metrics(  # a NaN loss of the final weights: exit 2
+        {"val": result.val, "test": result.test},
+        skipped=self.nonfinite_skipped,
+        rollbacks=self.rollbacks,
+        steps=self.step,
+        policy=self.cfg.train.nonfinite,
+        run_dir=self.run_dir,
+    )
     return result
 
 

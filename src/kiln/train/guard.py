@@ -7,7 +7,6 @@ module whose output did, so the user knows where to look.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -16,20 +15,12 @@ from torch import nn
 from kiln.algorithms.nonfinite import first_nonfinite_module, nonfinite_grads
 from kiln.errors import KilnError
 from kiln.train import snapshots
-from kiln.train.checkpoint import load_checkpoint
 from kiln.train.schedules import scale_lrs
 
 if TYPE_CHECKING:
     from kiln.train.trainer import Trainer
 
-__all__ = [
-    "NonFiniteError",
-    "check_final_metrics",
-    "describe_nonfinite",
-    "final_weights_problem",
-    "finite_weights",
-    "handle_nonfinite",
-]
+__all__ = ["NonFiniteError", "describe_nonfinite", "handle_nonfinite"]
 
 
 class NonFiniteError(KilnError, RuntimeError):
@@ -126,86 +117,3 @@ def handle_nonfinite(self: Trainer, x: torch.Tensor) -> str:
         f"batch {self.batch_in_epoch}){after}: {where}; the weights before it are saved in "
         f"{path}. Lower optim.lr, {advice}"
     )
-
-
-# ------------------------------------------------------------------ the end of a fit
-
-
-def _nonfinite_tensors(model: nn.Module) -> list[str]:
-    return [
-        n
-        for n, t in model.state_dict().items()
-        if t.is_floating_point() and not bool(torch.isfinite(t).all())
-    ]
-
-
-def finite_weights(self: Trainer) -> bool:
-    """Whether the live model's weights are all finite (True for sharded FSDP models, whose
-    ranks must agree on saving: their checkpoints are checked when they are written out)."""
-    if snapshots.sharded(self):
-        return True
-    return not _nonfinite_tensors(self.engine.model)  # type: ignore[arg-type]
-
-
-def _last_finite_checkpoint(self: Trainer) -> str | None:
-    for name in reversed(self.ckpts.index["saved"]):
-        path = self.ckpts.dir / name
-        try:
-            model = load_checkpoint(path, map_location="cpu").get("model")
-        except Exception:  # an unreadable file is simply not a candidate here
-            continue
-        if model and all(
-            bool(torch.isfinite(t).all()) for t in model.values() if t.is_floating_point()
-        ):
-            return str(path)
-    return None
-
-
-def final_weights_problem(self: Trainer, final: nn.Module) -> str | None:
-    """Why the final weights must not become model.safetensors (they hold NaN/Inf), or None.
-
-    The message names the tensors, the policy that let them through and the newest checkpoint
-    whose weights are still finite (left as it was); the caller raises it as
-    :class:`NonFiniteError` on every rank.
-    """
-    bad = _nonfinite_tensors(final)
-    if not bad:
-        return None
-    shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
-    good = _last_finite_checkpoint(self)
-    kept = (
-        f"the newest checkpoint with finite weights is {good}"
-        if good
-        else "no checkpoint holds finite weights"
-    )
-    why = (
-        "train.nonfinite=ignore let non-finite updates through: use stop, skip or rollback"
-        if self.cfg.train.nonfinite == "ignore"
-        else "lower optim.lr or set train.clip_norm"
-    )
-    return (
-        f"the final weights hold NaN/Inf in {len(bad)} tensors ({shown}), so "
-        f"{self.run_dir / 'model.safetensors'} was not written ({kept}); {why}"
-    )
-
-
-def check_final_metrics(self: Trainer, splits: dict[str, dict[str, float]]) -> None:
-    """Raise when the final weights give a non-finite loss on the validation or test split.
-
-    Raises:
-        NonFiniteError: with the skipped and rolled-back update counts of the run.
-    """
-    for split, metrics in splits.items():
-        bad = {k: v for k, v in metrics.items() if "loss" in k and not math.isfinite(v)}
-        if not bad:
-            continue
-        k, v = next(iter(bad.items()))
-        history = f"{self.nonfinite_skipped} of {self.step} updates were skipped as non-finite"
-        if self.rollbacks:
-            history += f" and {self.rollbacks} rollbacks were made"
-        raise NonFiniteError(
-            f"the final weights give a non-finite {split} {k} ({v}); {history} "
-            f"(train.nonfinite={self.cfg.train.nonfinite}). The model is not usable: check the "
-            f"{split} data for NaN/Inf, lower optim.lr or set train.clip_norm; the metrics are in "
-            f"{self.run_dir / 'summary.json'}"
-        )

@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kiln.config import Config
 from kiln.train import build, distributed
 from kiln.train.checkpoint import resolve_checkpoint
 from kiln.train.finish import FitResult
-
-if TYPE_CHECKING:
-    from kiln.train.trainer import Trainer
 
 __all__ = [
     "completed_message",
@@ -124,11 +121,9 @@ def completed_message(
     )
 
 
-def completed_result(trainer: Trainer) -> FitResult:
-    """Print why there is nothing to do; the stored result (``summary.json``; nothing written)."""
-    if trainer.verbose and trainer.is_zero:
-        print(trainer.complete, flush=True)
-    summary = read_summary(trainer.run_dir) or {}
+def completed_result(run_dir: Path, step: int) -> FitResult:
+    """The stored result of a complete run (its ``summary.json``; nothing is written)."""
+    summary = read_summary(run_dir) or {}
 
     def numbers(d: Any) -> dict[str, float]:
         items = d.items() if isinstance(d, dict) else ()
@@ -136,8 +131,8 @@ def completed_result(trainer: Trainer) -> FitResult:
 
     best = summary.get("best_checkpoint")
     return FitResult(
-        trainer.run_dir,
-        int(summary.get("steps", trainer.step)),
+        run_dir,
+        int(summary.get("steps", step)),
         val=numbers(summary.get("val")),
         test=numbers(summary.get("test")),
         best_checkpoint=Path(best) if best else None,

@@ -269,7 +269,9 @@ class Trainer:
         if self.complete is not None:  # resumed a finished run: say so, write nothing
             if self.engine.owns_group:
                 self.engine.close()
-            return completed_result(self)  # prints self.complete (rank 0, verbose)
+            if self.verbose and self.is_zero:
+                print(self.complete, flush=True)
+            return completed_result(self.run_dir, self.step)
         self.logger = MetricsLogger(
             self.run_dir, tensorboard=cfg.log.tensorboard, enabled=self.is_zero
         )
