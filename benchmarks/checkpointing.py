@@ -1,8 +1,9 @@
 """Claim: activation checkpointing cuts peak activation memory >= 50% at <= 1.35x step time.
 
-``kiln.algorithms.checkpointing.apply_activation_checkpointing(model)`` with its default blocks
-(``ckpt``), against the same model without it (``plain``): same initial weights, same batch,
-fp32, SGD (lr 0.01), one torch thread, each process pinned to one core. Cases:
+``apply_activation_checkpointing(model)``
+(:mod:`kiln.algorithms.activation_checkpointing`) with its default blocks (``ckpt``), against
+the same model without it (``plain``): same initial weights, same batch, fp32, SGD (lr 0.01),
+one torch thread, each process pinned to one core. Cases:
 
 * ``mlp``: MLP 256 -> 16 x 256 -> 10 with LayerNorm + GELU in each hidden layer, batch 1024;
   one checkpoint per hidden layer (Linear, LayerNorm, GELU);
@@ -61,7 +62,7 @@ def build(case: str, mode: str, quick: bool) -> tuple[Any, Any, Any]:
     """The model (seeded: the same weights in every process and mode) and one batch."""
     import torch
 
-    from kiln.algorithms.checkpointing import apply_activation_checkpointing
+    from kiln.algorithms.activation_checkpointing import apply_activation_checkpointing
     from kiln.models import MLP, ResNet
 
     torch.manual_seed(0)
@@ -118,7 +119,7 @@ def measure_time(case: str, steps: int, blocks: int, quick: bool) -> dict[str, A
     """Plain and ckpt step times, alternating in this process, and their activation peaks."""
     import torch
 
-    from kiln.algorithms.checkpointing import apply_activation_checkpointing
+    from kiln.algorithms.activation_checkpointing import apply_activation_checkpointing
 
     model, x, y = build(case, "plain", quick)
     ckpt = copy.deepcopy(model)

@@ -15,11 +15,11 @@ The digits models are trained first with their shipped configs (``--epochs-mlp``
 
 Methods (``--methods``), each measured against ``fp32`` (eager, the baseline of every ratio):
 
-* ``dynamic``: ``torch.ao`` dynamic int8 (``kiln.compress.quantize.quantize(model, "dynamic")``);
+* ``dynamic``: ``torch.ao`` dynamic int8 (``quantize(model, "dynamic")``);
 * ``static``: FX graph mode static int8, fused Conv+BN+ReLU, x86 qconfig mapping
   (``quantize(model, "static", ...)``, ``prepare_fx``/``convert_fx``);
 * ``pt2e``: torchao PT2E with ``X86InductorQuantizer``, compiled by Inductor with freezing on
-  (``kiln.compress.quantize_export.quantize_pt2e``);
+  (``kiln.compress.quantize.export.quantize_pt2e``);
 * ``ort_fp32``: the fp32 ONNX export (dynamo exporter) run by ONNX Runtime;
 * ``ort_int8``: ORT dynamic int8 (``quantize_onnx_int8``);
 * ``ort_int8_static``: ORT static int8, QDQ, per-channel weights (``static=True``).
@@ -177,7 +177,7 @@ def apply(
     method: str, model: Any, calib: list[Any], example: Any, out: Path
 ) -> tuple[Any, Path, dict[str, Any]]:
     """(predict, saved file, notes) of ``method`` on ``model``."""
-    from kiln.compress import quantize_export as qx
+    from kiln.compress.quantize import export as qx
 
     out.mkdir(parents=True, exist_ok=True)
     if method == "fp32":
@@ -189,7 +189,7 @@ def apply(
         path = qx.export_onnx(model, example, out / "model.onnx")
         return qx.onnx_predict(qx.onnx_session(path)), path, {}
     if method in ("dynamic", "static"):
-        from kiln.compress.quantize import quantize
+        from kiln.compress.quantize.core import quantize
 
         kw = {} if method == "dynamic" else {"calib_loader": calib, "example": example}
         q = quantize(model, method, **kw)

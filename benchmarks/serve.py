@@ -228,7 +228,7 @@ def start_kiln(model: Path, env: dict[str, str], workers: int = 1) -> Started:
 
 
 def start_torchserve(archive: Path, work: Path, env: dict[str, str]) -> Started:
-    from kiln.deploy.torchserve_run import launch_torchserve
+    from kiln.deploy.torchserve.process import launch_torchserve
 
     ts = launch_torchserve(archive, work, env=env)
     return Started(ts.predict_url, ts.stop)
@@ -262,7 +262,7 @@ def start_litserve(model: Path, work: Path, env: dict[str, str]) -> Started:
 def prepare(work: Path, ts_delay_ms: int, quick: bool, ts_workers: int = 1) -> tuple[Path, Path]:
     """Train the digits MLP briefly and export it for TorchServe; returns (model.pt2, .mar)."""
     from kiln.config import load_config
-    from kiln.deploy.torchserve import export_torchserve
+    from kiln.deploy.torchserve.archive import export_torchserve
     from kiln.train.trainer import Trainer
 
     overrides = [f"out_dir={work}", "name=bench", "train.epochs=1"]

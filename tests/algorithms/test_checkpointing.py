@@ -14,7 +14,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.checkpoint import checkpoint
 
-from kiln.algorithms.checkpointing import (
+from kiln.algorithms.activation_checkpointing import (
     apply_activation_checkpointing,
     is_checkpointed,
     remove_activation_checkpointing,

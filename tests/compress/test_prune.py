@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from kiln.compress.prune import (
+from kiln.compress.prune.core import (
     PruneSpec,
     load_pruned,
     make_permanent,
@@ -21,7 +21,7 @@ from kiln.compress.prune import (
     sparsity,
     sparsity_schedule,
 )
-from kiln.compress.prune_run import initial_state, kiln_metadata, recalibrate_bn, trainer_finetune
+from kiln.compress.prune.run import initial_state, kiln_metadata, recalibrate_bn, trainer_finetune
 from kiln.config import Config
 from kiln.train.build import build_data_for
 from kiln.train.trainer import Trainer

@@ -14,8 +14,8 @@ from runners import ROOT
 from safetensors import safe_open
 from torch import nn
 
-from kiln.compress.quantize import METHODS, load_quantized, quantize
-from kiln.compress.quantize_ao import qat_config, trainer_finetune
+from kiln.compress.quantize.ao import qat_config, trainer_finetune
+from kiln.compress.quantize.core import METHODS, load_quantized, quantize
 from kiln.compress.report import CompressedModel, file_size, score
 from kiln.config import Config, load_config
 from kiln.data.base import DataBundle
@@ -247,10 +247,10 @@ def test_export_methods_route_to_quantize_export(monkeypatch: pytest.MonkeyPatch
         calls.append(("onnx", static))
         return "o"
 
-    fake = types.ModuleType("kiln.compress.quantize_export")
+    fake = types.ModuleType("kiln.compress.quantize.export")
     fake.quantize_pt2e = pt2e  # type: ignore[attr-defined]
     fake.quantize_onnx_int8 = onnx  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "kiln.compress.quantize_export", fake)
+    monkeypatch.setitem(sys.modules, "kiln.compress.quantize.export", fake)
     x = torch.randn(4, 3)
     batches = [(x, None)] * 10
     model, conv = nn.Linear(3, 2), nn.Conv1d(1, 1, 1)

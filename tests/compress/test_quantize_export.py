@@ -17,7 +17,7 @@ import torch
 from runners import ROOT
 from torch import nn
 
-from kiln.compress.quantize_export import (
+from kiln.compress.quantize.export import (
     ONNX_INT8_FILE,
     PT2E_FILE,
     export_onnx,

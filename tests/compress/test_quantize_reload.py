@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-import kiln.compress.quantize_pt2e as pt2e_module
-from kiln.compress.quantize import quantize, reload_max_abs_diff
-from kiln.compress.quantize_pt2e import _FrozenProgram
+import kiln.compress.quantize.pt2e as pt2e_module
+from kiln.compress.quantize.core import quantize, reload_max_abs_diff
+from kiln.compress.quantize.pt2e import _FrozenProgram
 
 # The error Inductor raises for the int8 convolution lowering with a symbolic batch (torch 2.13).
 INDUCTOR_ASSERT = (

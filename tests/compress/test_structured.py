@@ -9,13 +9,13 @@ import torch
 from runners import ROOT
 from torch import nn
 
-from kiln.compress.prune import (
+from kiln.compress.prune.core import (
     PruneSpec,
     load_pruned,
     prune_model,
 )
-from kiln.compress.prune_run import initial_state, kiln_metadata, trainer_finetune
-from kiln.compress.structured import (
+from kiln.compress.prune.run import initial_state, kiln_metadata, trainer_finetune
+from kiln.compress.prune.structured import (
     find_groups,
     param_count,
     prune_structured,

@@ -18,7 +18,7 @@ from bad_inputs import BAD_INPUT_PARAMS
 from training import train_digits_mlp
 
 from helpers.serving import Server
-from kiln.deploy.serve import RequestError, load_backend, parse_inputs
+from kiln.deploy.serve.server import RequestError, load_backend, parse_inputs
 from kiln.train.weights import load_model
 
 

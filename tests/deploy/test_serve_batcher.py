@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from kiln.deploy.serve_batcher import Batcher, LoopBatcher, QueueFull
+from kiln.deploy.serve.batcher import Batcher, LoopBatcher, QueueFull
 
 
 def _double(sizes: list[int]):

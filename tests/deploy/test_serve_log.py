@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from kiln.deploy.serve_log import RateLimitedLog
+from kiln.deploy.serve.log import RateLimitedLog
 
 
 def test_one_line_per_kind_per_interval_with_the_dropped_count(

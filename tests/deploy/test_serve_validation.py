@@ -16,9 +16,9 @@ import pytest
 import torch
 from bad_inputs import BAD_INPUT_PARAMS, INPUT_SHAPE
 
-from kiln.deploy.serve_inputs import RequestError, parse_inputs
-from kiln.deploy.serve_validate import InputError, decode_json
-from kiln.deploy.torchserve import handler_source, validation_source
+from kiln.deploy.serve.inputs import RequestError, parse_inputs
+from kiln.deploy.serve.validate import InputError, decode_json
+from kiln.deploy.torchserve.archive import handler_source, validation_source
 
 
 def _strict_json(text: str) -> Any:
@@ -110,7 +110,7 @@ def test_handler_refuses_alike_without_failing_the_batch(
 def test_handler_packs_the_shared_rules_and_imports_only_torch(tmp_path: Path) -> None:
     """The packed copy is the module's source; the handler module defines one class (TorchServe
     refuses more) and imports no kiln (checked in an isolated interpreter)."""
-    import kiln.deploy.serve_validate as shared
+    import kiln.deploy.serve.validate as shared
 
     assert validation_source() == Path(shared.__file__).read_text()
     _write_handler(tmp_path)

@@ -19,13 +19,13 @@ import torch
 from runners import run_kiln
 from training import train_digits_mlp
 
-from kiln.deploy.serve_inputs import format_outputs
-from kiln.deploy.torchserve import (
+from kiln.deploy.serve.inputs import format_outputs
+from kiln.deploy.torchserve.archive import (
     TorchServeResult,
     export_torchserve,
     model_name_for,
 )
-from kiln.deploy.torchserve_run import config_properties, free_ports, launch_torchserve
+from kiln.deploy.torchserve.process import config_properties, free_ports, launch_torchserve
 from kiln.train.build import read_data_info
 from kiln.train.weights import load_model
 

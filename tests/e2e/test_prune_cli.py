@@ -11,7 +11,7 @@ from runners import ROOT, run_kiln
 from safetensors import safe_open
 
 from kiln.cli.prune import run_prune
-from kiln.compress.prune import load_pruned
+from kiln.compress.prune.core import load_pruned
 from kiln.config import load_config
 from kiln.train.build import build_data_for
 from kiln.train.trainer import Trainer

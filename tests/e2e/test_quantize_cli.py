@@ -9,7 +9,7 @@ import pytest
 import torch
 from runners import ROOT, run_kiln
 
-from kiln.compress.quantize import load_quantized
+from kiln.compress.quantize.core import load_quantized
 from kiln.config import load_config
 from kiln.train.trainer import Trainer
 from kiln.train.weights import load_model

@@ -23,9 +23,9 @@ from training import plain_step
 from kiln.cli.doctor import doctor_config
 from kiln.config import load_config
 from kiln.doctor import Finding, check
-from kiln.perf.doctor_checks import cudnn_shape_findings, loader_findings
-from kiln.perf.doctor_findings import ADVICE, format_report
-from kiln.perf.doctor_sites import short_path
+from kiln.doctor.checks import cudnn_shape_findings, loader_findings
+from kiln.doctor.findings import ADVICE, format_report
+from kiln.doctor.sites import short_path
 
 
 def site(fn: Callable[..., Any], text: str) -> str:
@@ -502,7 +502,7 @@ def test_input_shapes_are_recorded_for_the_cudnn_check(monkeypatch: pytest.Monke
         seen.extend(shapes)
         return []
 
-    monkeypatch.setattr("kiln.perf.doctor.cudnn_shape_findings", spy)
+    monkeypatch.setattr("kiln.doctor.steps.cudnn_shape_findings", spy)
     batches = [torch.randn(2, 1, 8, 8) for _ in range(3)]
     check(conv, batches, lambda x: conv(x).sum().backward())
     assert seen == [((2, 1, 8, 8),)] * 3
@@ -577,11 +577,11 @@ def test_gpu_item_is_a_warning_and_cudnn_shapes() -> None:
 @pytest.mark.parametrize(
     "name",
     [
-        "kiln.perf.doctor",
-        "kiln.perf.doctor_checks",
-        "kiln.perf.doctor_findings",
-        "kiln.perf.doctor_sites",
-        "kiln.perf.doctor_threads",
+        "kiln.doctor.steps",
+        "kiln.doctor.checks",
+        "kiln.doctor.findings",
+        "kiln.doctor.sites",
+        "kiln.doctor.threads",
         "kiln.doctor",
         "kiln.cli.doctor",
     ],

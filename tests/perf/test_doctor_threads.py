@@ -22,9 +22,9 @@ from training import plain_step
 
 from kiln.config import Config
 from kiln.doctor import check
-from kiln.perf.doctor_findings import ADVICE, format_report
-from kiln.perf.doctor_sites import short_path
-from kiln.perf.doctor_threads import (
+from kiln.doctor.findings import ADVICE, format_report
+from kiln.doctor.sites import short_path
+from kiln.doctor.threads import (
     HostLoad,
     host_load,
     oversubscription_note,

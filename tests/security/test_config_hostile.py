@@ -118,7 +118,7 @@ def test_small_aliases_still_work(tmp_path: Path) -> None:
 
 
 def test_alias_expansion_is_counted_while_composing(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kiln import config_yaml
+    from kiln.config import yaml_io as config_yaml
 
     with pytest.raises(config_yaml.YamlLimitError, match="expands to more than"):
         config_yaml.load_text(BOMB, "bomb")

@@ -401,8 +401,8 @@ def test_load_sharded_never_hands_dcp_unchecked_metadata(tmp_path: Path) -> None
 def test_compressed_model_loaders_check_the_header(
     loader: str, run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from kiln.compress.prune_io import load_pruned
-    from kiln.compress.quantize import load_quantized
+    from kiln.compress.prune.io import load_pruned
+    from kiln.compress.quantize.core import load_quantized
     from kiln.errors import CorruptFileError
 
     _rewrite(run / "model.safetensors", _offsets_out)

@@ -192,8 +192,8 @@ def test_python_loaders_refuse_a_target(trained: Path, work: Path) -> None:
 
 def test_quantized_and_pruned_loaders_refuse_a_target(trained: Path, work: Path) -> None:
     """Their files carry the run's config too (``kiln_quant``/``kiln_pruned`` mark them)."""
-    from kiln.compress.prune import load_pruned
-    from kiln.compress.quantize import load_quantized
+    from kiln.compress.prune.core import load_pruned
+    from kiln.compress.quantize.core import load_quantized
 
     marker = work / "MARKER"
     quantized = _copy(trained, work, "quantized") / "model.safetensors"
@@ -373,7 +373,7 @@ def test_genuine_pt2_passes_and_loads(pt2: Path) -> None:
 
 @pytest.mark.parametrize("kind", list(FORGERIES))
 def test_pt2_with_entries_that_unpickle_is_refused(pt2: Path, tmp_path: Path, kind: str) -> None:
-    from kiln.compress.quantize_pt2e import load_pt2e
+    from kiln.compress.quantize.pt2e import load_pt2e
     from kiln.deploy.export import load_exported
 
     forge, why = FORGERIES[kind]

@@ -1,13 +1,13 @@
 """``kiln doctor CONFIG|RUN [key.sub=value ...]``: check a job's training loop for mistakes.
 
 Builds data, model, optimizer, loader and loss exactly as ``kiln train`` would (same seed, same
-Engine), then runs :func:`kiln.perf.doctor.check` over a few steps of Kiln's own training step
+Engine), then runs :func:`kiln.doctor.steps.check` over a few steps of Kiln's own training step
 (the Trainer's micro-step: forward and loss under autocast, scaled backward, finite check,
 unscale -> clip -> step -> zero_grad) and an evaluation of the same batches, plus the static
 checks of the model, optimizer, loader and config. Each finding is printed with what, where,
 why, the fix and the measured cost; findings are advice, so the exit code is 0. Nothing is
 written: no run directory is created. A Python script is not run: its loop is checked from
-inside it with :func:`kiln.doctor.check`, and the error message shows the two lines to add.
+inside it with :func:`kiln.doctor.steps`, and the error message shows the two lines to add.
 
 Example:
     >>> from kiln.config import load_config
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch stays unimported until the verb runs (fast `kiln --help`)
     from kiln.config import Config
-    from kiln.perf.doctor_findings import Finding
+    from kiln.doctor.findings import Finding
 
 
 #: What ``kiln doctor SCRIPT.py`` answers: a script's loop is the user's own code, so it is
@@ -44,7 +44,7 @@ def load_job(args: list[str], *, trust_code: bool = False) -> Config:
 
     Raises:
         kiln.errors.UsageError: ``args`` names a Python script (the message shows how to check
-            it with :func:`kiln.doctor.check`).
+            it with :func:`kiln.doctor.steps`).
 
     Example:
         >>> load_job(["train.epochs=2"]).train.epochs
@@ -79,7 +79,7 @@ def doctor_config(cfg: Config, *, steps: int | None = None) -> tuple[list[Findin
             "meta-learning loop (set meta.enabled=false)"
         )
     from kiln.data.loader import start_epoch
-    from kiln.perf.doctor import check
+    from kiln.doctor.steps import check
     from kiln.train import build
     from kiln.train.metrics import build_metrics
     from kiln.train.optim import build_optimizer
@@ -99,7 +99,7 @@ def doctor_config(cfg: Config, *, steps: int | None = None) -> tuple[list[Findin
         check_techniques(cfg, info, strategy=engine.strategy, world=1)
         model = build.build_model_for(cfg, info)
         if cfg.train.activation_checkpointing:
-            from kiln.algorithms.checkpointing import apply_activation_checkpointing
+            from kiln.algorithms.activation_checkpointing import apply_activation_checkpointing
 
             targets = cfg.train.activation_checkpointing
             apply_activation_checkpointing(model, None if targets is True else targets)
@@ -165,7 +165,7 @@ def doctor_config(cfg: Config, *, steps: int | None = None) -> tuple[list[Findin
 
 def run_doctor(args: list[str], *, trust_code: bool = False) -> None:
     """``kiln doctor``: print the findings for the job ``args`` names (exit code 0)."""
-    from kiln.perf.doctor_findings import format_report
+    from kiln.doctor.findings import format_report
 
     cfg = load_job(args, trust_code=trust_code)
     findings, ran = doctor_config(cfg)

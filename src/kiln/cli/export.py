@@ -5,7 +5,7 @@ Reads the run's ``model.safetensors`` (several runs make one ensemble model), ex
 file, its size and the parity table (exported vs eager on test inputs at two batch sizes).
 ``manifest.json`` next to the file records the same numbers. ``torchserve`` makes the
 ``exported`` file, then packs it with a generated handler into a TorchServe ``.mar``
-(:func:`kiln.deploy.torchserve.export_torchserve`) and prints the commands that serve it.
+(:func:`kiln.deploy.torchserve.archive.export_torchserve`) and prints the commands that serve it.
 
 Torch is imported inside the function, so ``kiln --help`` stays fast.
 
@@ -64,7 +64,7 @@ def _run_torchserve(
     runs: list[str], *, fuse: bool, out: str | None, trust_code: bool = False
 ) -> Path:
     """Export, pack the TorchServe archive and print how to serve it; returns the ``.mar``."""
-    from kiln.deploy.torchserve import export_torchserve, start_commands
+    from kiln.deploy.torchserve.archive import export_torchserve, start_commands
 
     ts = export_torchserve(runs, fuse=fuse, out=out, trust_code=trust_code)
     _print_result(ts.export, fuse=fuse)

@@ -16,7 +16,7 @@ Options, taken out of the arguments before the config is loaded: ``profile.wait=
 of unmeasured updates before the timed ones (default 3).
 
 Both add a note when torch's intra-op threads outnumber the cores the host's load leaves free
-(:mod:`kiln.perf.doctor_threads`): the timings are then the host's, and the note gives the
+(:mod:`kiln.doctor.threads`): the timings are then the host's, and the note gives the
 thread count to use.
 
 The output folder is ``--out`` or ``<out_dir>/<name>-profile/`` (files there are replaced).
@@ -245,7 +245,7 @@ def _bottleneck(cfg: Any, folder: Path, steps: int, opts: dict[str, Any]) -> dic
         f"cProfile and {steps} under the autograd profiler",
         flush=True,
     )
-    from kiln.perf.doctor_threads import host_load, oversubscription_note
+    from kiln.doctor.threads import host_load, oversubscription_note
 
     oversubscribed = oversubscription_note(host_load())  # read before the updates add load
     report = find_bottleneck(cfg, steps=steps, warmup=warmup, rows=opts["rows"], out=folder)

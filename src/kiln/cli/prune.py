@@ -1,12 +1,12 @@
 """``kiln prune RUN``: prune a trained run, fine-tune it, and compare it with the original.
 
 Reads the run's ``model.safetensors`` and ``config.yaml``, prunes a copy with
-:func:`kiln.compress.prune.prune_model` (unstructured masks made permanent, or structured
+:func:`kiln.compress.prune.core.prune_model` (unstructured masks made permanent, or structured
 channel removal), fine-tunes it with the Trainer and the run's config after every cycle, and
 writes into ``RUN/pruned/`` (the next free ``RUN/pruned-N/`` if that exists, or ``--out``):
 
 * ``model.safetensors``: the pruned weights (plain keys) with the run's config and the layer
-  sizes in its metadata; load with ``kiln.compress.prune.load_pruned(folder)`` (an
+  sizes in its metadata; load with ``kiln.compress.prune.core.load_pruned(folder)`` (an
   unstructured result also loads with ``kiln.load_model(folder / "model.safetensors")``);
 * ``pruned.json``: what was done (sparsity per layer, widths, per-cycle accuracy);
 * ``report.json`` and the printed table: the fp32 original vs the pruned model, size, latency at
@@ -16,7 +16,7 @@ writes into ``RUN/pruned/`` (the next free ``RUN/pruned-N/`` if that exists, or 
 * ``finetune/cycle-<i>/``: each fine-tuning run (logs, checkpoints with pruning masks).
 
 Models with BatchNorm get their running statistics re-estimated on the train split after each
-pruning step (:func:`kiln.compress.prune_run.recalibrate_bn`), also with ``--finetune-epochs 0``.
+pruning step (:func:`kiln.compress.prune.run.recalibrate_bn`), also with ``--finetune-epochs 0``.
 
 Torch is imported inside the function, so ``kiln --help`` stays fast.
 """
@@ -76,7 +76,7 @@ def run_prune(
     """
     from dataclasses import replace
 
-    from kiln.compress.prune import PruneSpec
+    from kiln.compress.prune.core import PruneSpec
 
     spec = PruneSpec(amount, structured=structured, method=method, scope=scope, cycles=iterative)
     if isinstance(finetune_epochs, bool) or finetune_epochs < 0:
@@ -97,8 +97,8 @@ def run_prune(
     import torch
 
     from kiln.algorithms.ensemble import run_dir_of
-    from kiln.compress import prune as pr
-    from kiln.compress import prune_run as prr
+    from kiln.compress.prune import core as pr
+    from kiln.compress.prune import run as prr
     from kiln.compress.report import measure, table
     from kiln.config import load_config
     from kiln.train import build
@@ -118,7 +118,7 @@ def run_prune(
     if task not in ("classification", "regression"):
         raise ValueError(
             f"kiln prune reports accuracy or MSE; a {task!r} run is not supported here: prune it "
-            "from Python with kiln.compress.prune.prune_model"
+            "from Python with kiln.compress.prune.core.prune_model"
         )
     split, dataset = ("test", data.test) if data.test is not None else ("val", data.val)
     if dataset is None:
@@ -199,7 +199,7 @@ def run_prune(
         "zlib_bytes": zipped,
     }
     (folder / "report.json").write_text(json.dumps(report, indent=1))
-    print(f"\nsaved {saved} (load with kiln.compress.prune.load_pruned({str(folder)!r}))")
+    print(f"\nsaved {saved} (load with kiln.compress.prune.core.load_pruned({str(folder)!r}))")
     print(f"wrote {folder / 'report.json'}")
     return report
 

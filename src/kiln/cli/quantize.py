@@ -1,7 +1,7 @@
 """``kiln quantize RUN --method dynamic|static|qat|pt2e|onnx-int8``: int8 model + a measured table.
 
 Reads the run directory (fp32 weights from ``model.safetensors``, data from ``config.yaml``),
-quantizes with :func:`kiln.compress.quantize.quantize`, saves the result under
+quantizes with :func:`kiln.compress.quantize.core.quantize`, saves the result under
 ``RUN/quantized/<method>/`` (or ``--out``), and measures the fp32 eager model and the quantized
 one in this same process: size on disk, latency at batch 1 and 64 (one thread, median), and
 accuracy/loss on the test split. The table is printed and written to ``report.json`` next to
@@ -111,7 +111,7 @@ def _open(run: str, trust_code: bool = False) -> _Job:
     if task not in ("classification", "regression"):
         raise ValueError(
             f"kiln quantize measures classification and regression runs; this run's task is "
-            f"{task!r}. Quantize it from Python with kiln.compress.quantize.quantize"
+            f"{task!r}. Quantize it from Python with kiln.compress.quantize.core.quantize"
         )
     split, dataset = ("test", data.test) if data.test is not None else ("val", data.val)
     if dataset is None:
@@ -154,7 +154,7 @@ def run_quantize(
     Raises:
         ValueError: unknown method, a run without a test/val split, an unsupported model.
     """
-    from kiln.compress.quantize import check_method
+    from kiln.compress.quantize.core import check_method
 
     check_method(method)
     if qat_epochs < 1:
@@ -182,12 +182,12 @@ def _quantize_and_measure(
 ) -> dict[str, Any]:
     import torch
 
-    from kiln.compress.quantize import quantize, reload_max_abs_diff
+    from kiln.compress.quantize.core import quantize, reload_max_abs_diff
     from kiln.compress.report import measure, table
 
     finetune, changes = None, list[str]()
     if method == "qat":
-        from kiln.compress.quantize_ao import qat_config, trainer_finetune
+        from kiln.compress.quantize.ao import qat_config, trainer_finetune
 
         qcfg, changes = qat_config(job.cfg, epochs=qat_epochs)
         finetune = trainer_finetune(qcfg, job.data, keep=out_dir, verbose=True)

@@ -13,7 +13,7 @@ Every option is checked first (a port in 0..65535, a host that is an address or 
 resolves, finite positive timeouts and sizes): a bad one is one line and exit 2, before torch or
 the model is loaded. ``--max-connections``, ``--header-timeout-s``, ``--body-timeout-s``,
 ``--idle-timeout-s`` and ``--max-body-mb`` bound what a client may hold
-(:class:`kiln.deploy.serve_http.Limits`).
+(:class:`kiln.deploy.serve.http.Limits`).
 
 Torch is imported inside the function, so ``kiln --help`` stays fast.
 
@@ -202,7 +202,7 @@ def run_serve(
         return
     import torch
 
-    from kiln.deploy.serve import Limits, ModelServer, load_backend
+    from kiln.deploy.serve.server import Limits, ModelServer, load_backend
 
     limits = Limits(
         max_body=max_body,
@@ -255,7 +255,7 @@ def _supervise(
     extra: list[str],
 ) -> None:
     """Start ``workers`` server processes on one port, wait for SIGTERM, stop them all."""
-    from kiln.deploy.serve_http import bind_socket
+    from kiln.deploy.serve.http import bind_socket
 
     # Hold the port (bound with SO_REUSEPORT, never listening, so it gets no connections)
     # until every worker has bound it: port 0 then means one free port for all of them.

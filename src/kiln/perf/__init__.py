@@ -1,1 +1,1 @@
-"""Performance tools: profiling, technique benchmarks and the training doctor."""
+"""Performance tools: profiling and technique benchmarks (the doctor is :mod:`kiln.doctor`)."""

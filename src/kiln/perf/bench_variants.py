@@ -184,7 +184,7 @@ def plan_variants(
 
 def _checkpointing_skip(cfg: Config, info: DataInfo) -> str | None:
     """Why activation checkpointing cannot apply to the model, or None when it can."""
-    from kiln.algorithms.checkpointing import apply_activation_checkpointing
+    from kiln.algorithms.activation_checkpointing import apply_activation_checkpointing
     from kiln.train import build
 
     try:

@@ -47,7 +47,7 @@ from torch import nn
 
 from kiln.config import Config
 from kiln.data.base import DataBundle
-from kiln.perf.doctor_threads import HostLoad, host_load, oversubscription_note
+from kiln.doctor.threads import HostLoad, host_load, oversubscription_note
 from kiln.perf.measure import (
     OpRow,
     cpu_cores,
@@ -255,7 +255,7 @@ def profile_training(
         model: a user's own ``nn.Module`` (as for :class:`~kiln.Trainer`).
         data: a user's own :class:`~kiln.DataBundle`.
         host: the host's cores, load and torch's threads (default: read before training,
-            :func:`~kiln.perf.doctor_threads.host_load`); when torch's threads do not fit
+            :func:`~kiln.doctor.threads.host_load`); when torch's threads do not fit
             beside the load, a note says so with the thread count to use.
 
     Returns:

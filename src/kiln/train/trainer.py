@@ -142,7 +142,7 @@ class Trainer:
         check_techniques(cfg, info, strategy=self.engine.strategy, world=world.size)
         model = model if model is not None else build.build_model_for(cfg, info)
         if cfg.train.activation_checkpointing:
-            from kiln.algorithms.checkpointing import apply_activation_checkpointing
+            from kiln.algorithms.activation_checkpointing import apply_activation_checkpointing
 
             targets = cfg.train.activation_checkpointing
             apply_activation_checkpointing(model, None if targets is True else targets)
