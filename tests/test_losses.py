@@ -22,6 +22,7 @@ from kiln.losses import (
     contrastive_loss,
     cosine_embedding_loss,
     focal_loss,
+    soft_cross_entropy,
     triplet_loss,
     weighted_cross_entropy,
 )
@@ -120,6 +121,34 @@ def test_weighted_ce_bf16_logits_give_float32() -> None:
 
 
 # --- focal loss --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_soft_ce_matches_formula_and_is_the_one_mixing_uses(batch, reduction) -> None:
+    from kiln.algorithms import mixing
+
+    logits, _ = batch
+    soft = torch.softmax(torch.randn(8, 5, generator=torch.Generator().manual_seed(1)), -1)
+    per_row = -(soft * F.log_softmax(logits, -1)).sum(-1)
+    expected = {"mean": per_row.mean(), "sum": per_row.sum(), "none": per_row}[reduction]
+    assert_close(soft_cross_entropy(logits, soft, reduction=reduction), expected)
+    assert mixing.soft_cross_entropy is soft_cross_entropy  # one implementation, re-exported
+    half = soft_cross_entropy(logits.bfloat16(), soft, reduction=reduction)
+    assert half.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        (torch.zeros(8, dtype=torch.long), r"soft cross-entropy: .*probabilities.*\[8, 5\]"),
+        (torch.zeros(8, 3), r"soft_targets must be probabilities.*smooth_targets"),
+    ],
+)
+def test_soft_ce_refuses_what_is_not_soft_targets(batch, target, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        soft_cross_entropy(batch[0], target)
+    with pytest.raises(ValueError, match="soft cross-entropy: reduction must be one of"):
+        soft_cross_entropy(batch[0], torch.full((8, 5), 0.2), "avg")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

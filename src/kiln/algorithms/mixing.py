@@ -6,7 +6,8 @@ the generator alone and global RNG state (torch, numpy, python) is never touched
 
 Mixing returns a :class:`MixedBatch` with the mixed inputs, the soft targets ``[N, C]`` and the
 ``lam`` / ``perm`` (and CutMix ``box``) that produced them, so callers can log or check them.
-Train against soft targets with :func:`soft_cross_entropy`.
+Train against soft targets with :func:`soft_cross_entropy` (the one in :mod:`kiln.losses`,
+re-exported here).
 
 Example:
     >>> import torch
@@ -27,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kiln.losses.classification import soft_cross_entropy
+
 __all__ = [
     "BatchMixer",
     "MixedBatch",
@@ -37,8 +40,6 @@ __all__ = [
     "smooth_targets",
     "soft_cross_entropy",
 ]
-
-_REDUCTIONS = ("mean", "sum", "none")
 
 
 class MixedBatch(NamedTuple):
@@ -190,41 +191,6 @@ def cutmix_batch(
     lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
     targets = _mix_targets(y, perm, lam, num_classes, x.dtype)
     return MixedBatch(inputs, targets, lam, perm, (y0, y1, x0, x1))
-
-
-def soft_cross_entropy(
-    logits: torch.Tensor, soft_targets: torch.Tensor, reduction: str = "mean"
-) -> torch.Tensor:
-    """Cross-entropy against soft targets: ``-(soft * log_softmax(logits)).sum(-1)``.
-
-    Args:
-        logits: Unnormalised scores ``[..., C]``.
-        soft_targets: Probabilities of the same shape (rows summing to 1).
-        reduction: ``"mean"`` over rows, ``"sum"``, or ``"none"`` (shape ``[...]``).
-
-    Returns:
-        The loss; a scalar unless ``reduction="none"``.
-
-    Raises:
-        ValueError: If the shapes differ or ``reduction`` is unknown.
-
-    Example:
-        >>> soft_cross_entropy(torch.zeros(2, 4), torch.full((2, 4), 0.25))  # ln 4
-        tensor(1.3863)
-    """
-    if logits.shape != soft_targets.shape:
-        raise ValueError(
-            f"soft_targets must have the logits' shape {tuple(logits.shape)}, got "
-            f"{tuple(soft_targets.shape)}; build them with smooth_targets/mixup_batch"
-        )
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    loss = -(soft_targets * F.log_softmax(logits, dim=-1)).sum(-1)
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
 
 
 def smooth_targets(

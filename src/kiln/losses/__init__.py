@@ -12,7 +12,8 @@ Two kinds live here:
 * **Library losses** the supervised trainer cannot feed, because they need pairs or triplets of
   examples: :func:`contrastive_loss`, :func:`cosine_embedding_loss`, :func:`triplet_loss`, and
   :class:`MultiTaskLoss` (learned uncertainty weights over several task losses). Call them in your
-  own loop (``examples/siamese_pairs.py``).
+  own loop (``examples/siamese_pairs.py``), and :func:`soft_cross_entropy` for a loop that
+  mixes its own batches (:mod:`kiln.algorithms.mixing`).
 
 Every loss checks the shapes and dtypes it is given and says what it expected. Weighted losses
 (``weighted_cross_entropy``, ``focal``) average over samples: ``mean == sum / N``, not PyTorch's
@@ -37,7 +38,12 @@ import torch.nn.functional as F
 
 from kiln.config import LossConfig, suggest
 from kiln.losses._common import LossFactory, LossFn, _as_weight, _check_class_targets
-from kiln.losses.classification import class_weights_from_counts, focal_loss, weighted_cross_entropy
+from kiln.losses.classification import (
+    class_weights_from_counts,
+    focal_loss,
+    soft_cross_entropy,
+    weighted_cross_entropy,
+)
 from kiln.losses.multitask import MultiTaskCriterion, MultiTaskLoss
 from kiln.losses.pairs import contrastive_loss, cosine_embedding_loss, triplet_loss
 
@@ -52,6 +58,7 @@ __all__ = [
     "contrastive_loss",
     "cosine_embedding_loss",
     "focal_loss",
+    "soft_cross_entropy",
     "triplet_loss",
     "weighted_cross_entropy",
 ]

@@ -1,4 +1,4 @@
-"""Class losses: weighted cross-entropy and focal loss, and class weights from counts."""
+"""Class losses: weighted and soft cross-entropy, focal loss, and class weights from counts."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from kiln.losses._common import (
     _check_class_targets,
     _check_classes_on_cpu,
     _check_reduction,
+    _desc,
     _flatten,
     _reduce,
     _weight_for,
@@ -87,7 +88,54 @@ def weighted_cross_entropy(
         >>> weighted_cross_entropy(logits, torch.tensor([0, 0]), [3.0, 1.0], reduction="none")
         tensor([0.3808, 6.3808])
     """
-    what = "weighted cross-entropy"
+    return _class_cross_entropy(
+        "weighted cross-entropy", logits, target, weight, label_smoothing, reduction
+    )
+
+
+def soft_cross_entropy(
+    logits: torch.Tensor, soft_targets: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """Cross-entropy against soft targets: ``-(soft * log_softmax(logits)).sum(-1)`` per row.
+
+    The targets of mixup/cutmix and label smoothing (:mod:`kiln.algorithms.mixing`). This is
+    :func:`weighted_cross_entropy` without class weights, refusing class indices.
+
+    Args:
+        logits: Unnormalised scores ``[N, C]`` (``[B, T, V]`` for a language model).
+        soft_targets: Probabilities of the logits' shape (rows summing to 1).
+        reduction: ``"mean"`` over rows, ``"sum"``, or ``"none"`` (shape ``logits.shape[:-1]``).
+
+    Returns:
+        The loss; a scalar unless ``reduction="none"`` (float32 for half-precision logits).
+
+    Raises:
+        ValueError: If the targets are not probabilities of the logits' shape or ``reduction``
+            is unknown.
+
+    Example:
+        >>> soft_cross_entropy(torch.zeros(2, 4), torch.full((2, 4), 0.25))  # ln 4
+        tensor(1.3863)
+    """
+    what = "soft cross-entropy"
+    if not soft_targets.is_floating_point() or soft_targets.shape != logits.shape:
+        raise ValueError(
+            f"{what}: soft_targets must be probabilities of the logits' shape "
+            f"{list(logits.shape)}, got {_desc(soft_targets)}; build them with "
+            "kiln.algorithms.mixing.smooth_targets or mixup_batch (class indices: use "
+            "weighted_cross_entropy)"
+        )
+    return _class_cross_entropy(what, logits, soft_targets, None, 0.0, reduction)
+
+
+def _class_cross_entropy(
+    what: str,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | Sequence[float] | None,
+    label_smoothing: float,
+    reduction: str,
+) -> torch.Tensor:
     _check_class_targets(what, logits, target, soft_ok=True, dims=(2, 3))
     flat, t = _flatten(logits, target)
     _check_reduction(what, reduction)
