@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kiln.data.base import ArrayDataset, is_batched
+from kiln.data.base import ArrayDataset
+from kiln.data.gather import is_batched
 from kiln.data.splits import split_indices, split_sizes, standardize, subset_splits
 
 

@@ -18,8 +18,9 @@ Example:
 from __future__ import annotations
 
 from kiln.config import DataConfig
-from kiln.data.base import ArrayDataset, DataBundle, DataInfo, is_batched
+from kiln.data.base import ArrayDataset, DataBundle, DataInfo
 from kiln.data.digits import build_digits
+from kiln.data.gather import is_batched
 from kiln.data.images import build_image_folder
 from kiln.data.loader import make_loader
 from kiln.data.multitask import build_digits_multitask

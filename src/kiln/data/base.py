@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from kiln.errors import DataError
 
@@ -62,7 +62,7 @@ class ArrayDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """In-memory tensors ``x[i], y[i]`` with a batched gather.
 
     ``__getitems__`` returns a whole batch with one index op instead of collating sample by
-    sample; Kiln's loader passes such batches straight through (see ``kiln.data.loader``), which
+    sample; Kiln's loader passes such batches straight through (see ``kiln.data.gather``), which
     removes most of a small model's per-step data cost.
 
     Example:
@@ -87,10 +87,3 @@ class ArrayDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(indices, dtype=torch.long)
         return self.x[idx], self.y[idx]
-
-
-def is_batched(dataset: Dataset[Any]) -> bool:
-    """True when ``dataset`` (possibly wrapped in Subsets) gathers whole batches itself."""
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    return isinstance(dataset, ArrayDataset)

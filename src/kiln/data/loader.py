@@ -4,9 +4,11 @@
 and can start ``start`` samples into it: resuming after ``b`` batches replays exactly the batches
 an uninterrupted run would have seen next, without reading the skipped ones.
 
-In-memory datasets (:class:`~kiln.data.base.ArrayDataset`, also inside ``Subset``) gather a whole
-batch with one index op; the loader passes such batches through instead of collating sample by
-sample.
+Datasets that can gather a whole batch at once (in-memory tensors: Kiln's
+:class:`~kiln.data.base.ArrayDataset` and torch's ``TensorDataset``; any dataset with
+``__getitems__``; Subsets of these: :mod:`kiln.data.gather`) get an :class:`ArrayLoader`, one
+gather per batch instead of one ``__getitem__`` per sample and a collate, with the same batches
+in the same order.
 
 Example:
     >>> import torch
@@ -25,9 +27,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from kiln.data.base import ArrayDataset, is_batched
+from kiln.data.gather import gather_plan, returns_batches
 from kiln.errors import DataError
 from kiln.train.reproducibility import worker_init
 
@@ -117,12 +119,14 @@ def _passthrough(batch: Any) -> Any:
 
 
 class ArrayLoader:
-    """Batches of in-memory tensors, one index op per batch, in :class:`EpochSampler` order.
+    """Batches gathered at once, one call per batch, in :class:`EpochSampler` order.
 
-    What :func:`make_loader` returns for an :class:`~kiln.data.base.ArrayDataset` (or Subsets of
-    one) when no worker processes or pinned memory are asked for. It yields exactly the batches a
-    ``DataLoader`` over the same sampler would, without turning indices into Python lists and
-    back, which is most of a small model's per-step data cost.
+    What :func:`make_loader` returns for a dataset that can gather a whole batch
+    (:func:`kiln.data.gather.gather_plan`: in-memory tensors, ``__getitems__``, Subsets of these)
+    when no worker processes or pinned memory are asked for. It yields exactly the batches a
+    ``DataLoader`` over the same sampler would, in the same order, without turning indices into
+    Python lists and back or collating sample by sample, which is most of a small model's
+    per-step data cost.
     """
 
     pin_memory = False
@@ -131,9 +135,14 @@ class ArrayLoader:
     def __init__(
         self, dataset: Dataset[Any], *, batch_size: int, sampler: EpochSampler, drop_last: bool
     ) -> None:
-        base, index = _resolve_array(dataset)
+        plan = gather_plan(dataset)
+        if plan is None:
+            raise TypeError(
+                f"expected a dataset that gathers whole batches (kiln.data.gather), got "
+                f"{type(dataset)}"
+            )
         self.dataset = dataset
-        self.x, self.y, self.index = base.x, base.y, index
+        self.gather, self.index = plan
         self.batch_size = batch_size
         self.sampler = sampler
         self.drop_last = drop_last
@@ -141,28 +150,15 @@ class ArrayLoader:
     def __len__(self) -> int:
         return batches_per_epoch(len(self.sampler), self.batch_size, self.drop_last)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Any]:
         order = self.sampler.order()
-        if self.index is not None:
+        if self.index is not None:  # compose the Subset index with the epoch's order once
             order = self.index[order]
         bs = self.batch_size
         stop = len(order) - len(order) % bs if self.drop_last else len(order)
-        x, y = self.x, self.y
+        gather = self.gather
         for start in range(0, stop, bs):
-            idx = order[start : start + bs]
-            yield x[idx], y[idx]
-
-
-def _resolve_array(dataset: Dataset[Any]) -> tuple[ArrayDataset, torch.Tensor | None]:
-    """The ArrayDataset under a chain of Subsets, and the composed index into it (or None)."""
-    index: torch.Tensor | None = None
-    while isinstance(dataset, Subset):
-        outer = torch.as_tensor(dataset.indices, dtype=torch.long)
-        index = outer if index is None else outer[index]
-        dataset = dataset.dataset
-    if not isinstance(dataset, ArrayDataset):
-        raise TypeError(f"expected an ArrayDataset (or Subsets of one), got {type(dataset)}")
-    return dataset, index
+            yield gather(order[start : start + bs])
 
 
 def batches_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
@@ -197,8 +193,9 @@ def make_loader(
     """A DataLoader over ``dataset`` with an :class:`EpochSampler`.
 
     ``pin_memory`` should be True only when batches go to a CUDA device; ``persistent_workers``
-    applies only with workers. In-memory data without workers gets an :class:`ArrayLoader` (the
-    same batches, less overhead) unless ``fast`` is False. The loader's own generator (which
+    applies only with workers. A dataset that gathers whole batches (:mod:`kiln.data.gather`),
+    without workers or pinned memory, gets an :class:`ArrayLoader` (the same batches, less
+    overhead) unless ``fast`` is False. The loader's own generator (which
     seeds worker processes) is reseeded per epoch by :func:`start_epoch`, so global RNG streams
     are never consumed by it.
     """
@@ -209,7 +206,7 @@ def make_loader(
             "the split fractions"
         )
     sampler = EpochSampler(n, shuffle=shuffle, seed=seed, rank=rank, world=world, pad=pad)
-    if fast and is_batched(dataset) and num_workers == 0 and not pin_memory:
+    if fast and num_workers == 0 and not pin_memory and gather_plan(dataset) is not None:
         return ArrayLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last)
     generator = torch.Generator()
     generator.manual_seed(epoch_seed(seed, 0))
@@ -221,7 +218,7 @@ def make_loader(
         num_workers=num_workers,
         persistent_workers=persistent_workers and num_workers > 0,
         pin_memory=pin_memory,
-        collate_fn=_passthrough if is_batched(dataset) else None,
+        collate_fn=_passthrough if returns_batches(dataset) else None,
         worker_init_fn=worker_init if num_workers > 0 else None,
         generator=generator,
     )
