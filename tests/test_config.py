@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kiln.config import Config, ConfigError, apply_overrides, dump_config, load_config
+from kiln.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    did_you_mean,
+    dump_config,
+    load_config,
+    suggest,
+)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -90,3 +98,53 @@ def test_dump_roundtrip_writes_every_default() -> None:
 def test_every_shipped_config_validates(path: Path) -> None:
     cfg = load_config(path)
     assert cfg.name == path.stem
+
+
+@pytest.mark.parametrize(
+    ("word", "choices", "hint"),
+    [
+        ("lr_rate", ["lr", "momentum"], "did you mean 'lr'? "),  # the choice starts the word
+        ("batch", ["batch_size", "epochs"], "did you mean 'batch_size'? "),  # the word starts it
+        ("adamm", ["adam", "sgd"], "did you mean 'adam'? "),
+        # a typo inside a dotted name is the near-identical name, not its parent module
+        ("stages.0.0.brnch.bn1", ["stages.0.0", "stages.0.0.branch.bn1"], "did you mean "),
+        ("zzz", ["adam", "sgd"], ""),
+    ],
+)
+def test_did_you_mean_is_one_phrase_before_the_allowed_list(word, choices, hint) -> None:
+    got = did_you_mean(word, choices)
+    assert got.startswith(hint) and (got == "" or got.endswith("? "))
+    if word.startswith("stages"):
+        assert got == "did you mean 'stages.0.0.branch.bn1'? "
+    assert (suggest(word, choices) is None) == (got == "")
+
+
+def test_every_unknown_name_message_uses_the_same_phrase() -> None:
+    from collections import OrderedDict
+
+    from torch import nn
+
+    from kiln.models.init import init_weights
+    from kiln.models.surgery import replace_head
+    from kiln.models.trainable import freeze
+
+    parts = {"body": nn.Linear(2, 2), "act": nn.ReLU(), "head": nn.Linear(2, 2)}
+    net = nn.Sequential(OrderedDict(parts))
+    calls = [
+        (lambda: init_weights(net, "kaiming_normall"), "did you mean 'kaiming_normal'? allowed:"),
+        (lambda: freeze(net, "haed"), "did you mean 'head'? top-level modules:"),
+        (lambda: replace_head(net, 3, name="heads"), "did you mean 'head'? modules:"),
+        (lambda: validate_source("digitz"), "did you mean 'digits'? allowed:"),
+    ]
+    for call, phrase in calls:
+        with pytest.raises(ValueError) as info:
+            call()
+        assert phrase in str(info.value)
+
+
+def validate_source(name: str) -> None:
+    """Build a config whose data source is ``name`` (refused when unknown)."""
+    try:
+        load_config(None, [f"data.name={name}"])
+    except ConfigError as err:
+        raise ValueError(str(err)) from err

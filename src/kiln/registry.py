@@ -28,7 +28,7 @@ import math
 from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
-from kiln.config import suggest
+from kiln.config import did_you_mean
 from kiln.trust.targets import check_model_target
 
 if TYPE_CHECKING:
@@ -92,12 +92,10 @@ def import_object(path: str) -> Any:
         if not hasattr(obj, part):
             owner = ".".join([module_name, *attr.split(".")[:i]])
             names = sorted(n for n in dir(obj) if not n.startswith("_"))
-            hint = suggest(part, names)
-            msg = f"{owner!r} has no attribute {part!r} (from {path!r})"
-            if hint:
-                msg += f"; did you mean {hint!r}?"
+            msg = f"{owner!r} has no attribute {part!r} (from {path!r}); "
             shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
-            msg += f"; names there: {shown}" if names else "; it defines no public names"
+            tail = f"names there: {shown}" if names else "it defines no public names"
+            msg += did_you_mean(part, names) + tail
             raise ImportError(msg)
         obj = getattr(obj, part)
     return obj
@@ -181,20 +179,17 @@ def check_kwargs(
     ]
     for key in kwargs:
         if key not in allowed:
-            hint = suggest(key, allowed)
-            did = f"; did you mean {hint!r}?" if hint else ";"
             raise ValueError(
-                f"model.kwargs.{key} is not an argument of {owner}{did} "
+                f"model.kwargs.{key} is not an argument of {owner}; {did_you_mean(key, allowed)}"
                 f"allowed: {', '.join(allowed) or '(none)'}"
             )
 
 
 def _resolve_builtin(name: str) -> Callable[..., Any]:
     if name not in MODELS:
-        hint = suggest(name, list(MODELS))
-        did = f"; did you mean {hint!r}?" if hint else ";"
         raise ValueError(
-            f"unknown model {name!r}{did} allowed: {', '.join(MODELS)}; "
+            f"unknown model {name!r}; {did_you_mean(name, list(MODELS))}"
+            f"allowed: {', '.join(MODELS)}; "
             "or set model.target=pkg.module:Class"
         )
     fn: Callable[..., Any] = import_object(MODELS[name])

@@ -106,7 +106,7 @@ def test_untraceable_model_points_to_hooks() -> None:
 
 def test_unknown_names_list_candidates() -> None:
     net = _resnet()
-    with pytest.raises(ValueError, match=r"did you mean 'stages.0'.*'stem'"):
+    with pytest.raises(ValueError, match=r"did you mean 'stages\.0\.0'.*'stem'"):
         get_features(net, torch.randn(1, 1, 8, 8), ["stages.00"])
     with pytest.raises(ValueError, match=r"no feature 'poool'; did you mean 'pool'"):
         create_feature_extractor(net, ["poool"])

@@ -6,7 +6,8 @@ unknown keys and wrong types are refused with the path and the allowed values.
 * :mod:`kiln.config.schema`: the job (:class:`Config`) and its model/optim/train sections,
   loading, overrides and dumping.
 * :mod:`kiln.config.data`, :mod:`kiln.config.techniques`: the data and technique sections.
-* :mod:`kiln.config.base`: the strict base model and did-you-mean suggestions.
+* :mod:`kiln.config.base`: the strict base model and the did-you-mean helpers
+  (:func:`suggest`, :func:`did_you_mean`), which every module's messages use.
 * :mod:`kiln.config.messages`: validation errors as one readable line per problem.
 * :mod:`kiln.config.yaml_io`: YAML reading with size and alias limits.
 
@@ -18,7 +19,7 @@ Example:
     2
 """
 
-from kiln.config.base import suggest
+from kiln.config.base import did_you_mean, suggest
 from kiln.config.data import DataConfig, SyntheticConfig, TextConfig
 from kiln.config.schema import (
     CheckpointConfig,
@@ -65,6 +66,7 @@ __all__ = [
     "TextConfig",
     "TrainConfig",
     "apply_overrides",
+    "did_you_mean",
     "dump_config",
     "load_config",
     "read_yaml",

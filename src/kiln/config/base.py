@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
-__all__ = ["INT64_MAX", "_Strict", "check_numbers", "suggest"]
+__all__ = ["INT64_MAX", "_Strict", "check_numbers", "did_you_mean", "suggest"]
 
 INT64_MAX = 2**63 - 1
 
@@ -72,13 +73,39 @@ class _Strict(BaseModel):
         return v
 
 
-def _did_you_mean(word: str, choices: list[str]) -> str:
-    hit = suggest(word, choices)
-    return f"; did you mean {hit!r}?" if hit else ""
+def did_you_mean(word: object, choices: Sequence[str]) -> str:
+    """``"did you mean 'x'? "`` for the closest of ``choices`` (:func:`suggest`), else ``""``.
+
+    Every "unknown name" message in Kiln uses it the same way: after ``"; "`` and before the
+    list of allowed names, so the message reads the same with and without a hint.
+
+    Example:
+        >>> names = ["mlp", "resnet"]
+        >>> f"unknown model 'resnt'; {did_you_mean('resnt', names)}allowed: {', '.join(names)}"
+        "unknown model 'resnt'; did you mean 'resnet'? allowed: mlp, resnet"
+        >>> did_you_mean("zzz", names)
+        ''
+    """
+    hit = suggest(str(word), list(choices))
+    return f"did you mean {hit!r}? " if hit else ""
 
 
-def suggest(word: str, choices: list[str]) -> str | None:
-    """Closest match to ``word`` among ``choices`` (or None), for "did you mean" hints."""
+def suggest(word: str, choices: Sequence[str]) -> str | None:
+    """Closest match to ``word`` among ``choices`` (or None), for "did you mean" hints.
+
+    Example:
+        >>> suggest("lr_rate", ["lr", "momentum"])
+        'lr'
+        >>> suggest("stages.0.brnch", ["stages.0", "stages.0.branch"])
+        'stages.0.branch'
+    """
+    # A user's value may be huge (a pasted blob): difflib is quadratic, and no name is longer.
+    word = word[:200]
+    # A near-identical choice first: a typo inside a dotted name ("stages.0.0.brnch.bn1") is
+    # not its parent module ("stages.0.0"), which the prefix rule below would pick.
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.8)
+    if close:
+        return close[0]
     # "lr_rate" -> "lr", "batch" -> "batch_size": a choice that starts the word or vice versa.
     lowered = word.lower()
     prefixed = [
@@ -86,5 +113,5 @@ def suggest(word: str, choices: list[str]) -> str | None:
     ]
     if prefixed:
         return max(prefixed, key=len)
-    hits = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    hits = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
     return hits[0] if hits else None

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from kiln.config.base import _did_you_mean, _Strict
+from kiln.config.base import _Strict, did_you_mean
 
 __all__ = ["INT32_MAX", "MAX_BATCH", "MAX_SEED", "DataConfig", "SyntheticConfig", "TextConfig"]
 
@@ -105,8 +105,8 @@ class DataConfig(_Strict):
         if v in known or v.startswith("sklearn:"):
             return v
         raise ValueError(
-            f"unknown data source {v!r}; allowed: {', '.join(known)}, sklearn:<name>"
-            + _did_you_mean(v, [*known, "sklearn:"])
+            f"unknown data source {v!r}; {did_you_mean(v, [*known, 'sklearn:'])}allowed: "
+            f"{', '.join(known)}, sklearn:<name>"
         )
 
     @model_validator(mode="after")

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
-from kiln.config.base import suggest
+from kiln.config.base import did_you_mean, suggest
 from kiln.errors import short_repr
 
 __all__ = ["format_error"]
@@ -61,7 +61,7 @@ def format_error(exc: ValidationError, root: type[BaseModel]) -> str:
             parent, key = loc[:-1], str(loc[-1])
             names = _field_names(root, parent)
             full = [".".join([*map(str, parent), n]) for n in names]
-            hint = suggest(key[:200], names)
+            hint = suggest(key, names)
             msg = f"unknown key {short_repr(path)}"
             if hint:
                 msg += f"; did you mean {'.'.join([*map(str, parent), hint])!r}?"
@@ -76,11 +76,9 @@ def format_error(exc: ValidationError, root: type[BaseModel]) -> str:
         allowed = _allowed(root, loc)
         text = f"{path}: {why} (got {shown})"
         if allowed and allowed not in text:
-            text += f"; {allowed}"
             word = value if isinstance(value, str) else short_repr(value)
-            hint = suggest(word[:200], [a.strip() for a in allowed[9:].split(",")])
-            if hint:
-                text += f"; did you mean {hint!r}?"
+            names = [a.strip() for a in allowed[9:].split(",")]
+            text += f"; {did_you_mean(word, names)}{allowed}"
         lines.append(text)
     if len(errors) > _MAX_SHOWN:
         lines.append(f"... and {len(errors) - _MAX_SHOWN} more problems")

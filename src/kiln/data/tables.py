@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kiln.config import DataConfig, suggest
+from kiln.config import DataConfig, did_you_mean
 from kiln.data.base import ArrayDataset, DataBundle, DataInfo, Task
 from kiln.data.files import read_utf8, require_file
 from kiln.data.splits import split_indices, split_sizes, standardize, subset_splits
@@ -36,11 +36,6 @@ __all__ = ["build_csv", "build_sklearn_table", "sklearn_tables", "tabular_bundle
 _NOT_TABLES = {"files", "sample_image", "sample_images", "svmlight_file", "svmlight_files"}
 _MISSING = {"", "na", "n/a", "nan", "null", "none"}
 _MAX_AUTO_CLASSES = 20
-
-
-def _hint(word: str, choices: list[str]) -> str:
-    hit = suggest(word, choices)
-    return f"; did you mean {hit!r}?" if hit else ""
 
 
 def tabular_bundle(
@@ -153,8 +148,8 @@ def build_sklearn_table(name: str, cfg: DataConfig, *, seed: int) -> DataBundle:
     available = sklearn_tables()
     if name not in available:
         raise DataError(
-            f"unknown scikit-learn dataset {name!r} (data.name=sklearn:{name}); available: "
-            f"{', '.join(available)}{_hint(name, available)}"
+            f"unknown scikit-learn dataset {name!r} (data.name=sklearn:{name}); "
+            f"{did_you_mean(name, available)}available: {', '.join(available)}"
         )
     raw = getattr(skd, f"load_{name}")()
     x = np.asarray(raw.data, dtype=np.float64)
@@ -300,8 +295,8 @@ def build_csv(cfg: DataConfig, *, seed: int) -> DataBundle:
     target = cfg.target or ""
     if target not in header:
         raise DataError(
-            f"target column {target!r} is not in {path}; columns: {', '.join(header)}"
-            f"{_hint(target, header)} (set data.target)"
+            f"target column {target!r} is not in {path} (set data.target); "
+            f"{did_you_mean(target, header)}columns: {', '.join(header)}"
         )
     split_sizes(
         len(rows),

@@ -26,7 +26,6 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -34,6 +33,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from kiln.config import did_you_mean
 
 __all__ = [
     "ForwardFn",
@@ -102,8 +103,7 @@ def select_modules(model: nn.Module, names: Iterable[str] | None = None) -> dict
     wanted = list(names)
     for n in wanted:
         if n not in named:
-            hint = difflib.get_close_matches(n, [k for k in named if k], n=1, cutoff=0.6)
-            did = f"did you mean {hint[0]!r}? " if hint else ""
+            did = did_you_mean(n, [k for k in named if k])
             shown = ", ".join(repr(k) for k in list(named)[1:13])
             raise ValueError(
                 f"{type(model).__name__} has no module {n!r}; {did}"

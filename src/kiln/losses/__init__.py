@@ -36,7 +36,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from kiln.config import LossConfig, suggest
+from kiln.config import LossConfig, did_you_mean
 from kiln.losses._common import LossFactory, LossFn, _as_weight, _check_class_targets
 from kiln.losses.classification import (
     class_weights_from_counts,
@@ -244,9 +244,7 @@ def build_loss(cfg: LossConfig, *, task: str, class_counts: torch.Tensor | None 
     if name == "auto":
         name = "mse" if task == "regression" else "cross_entropy"
     if name not in LOSSES:
-        hit = suggest(name, list(LOSSES))
         raise ValueError(
-            f"unknown loss {name!r}; allowed: {', '.join(LOSSES)}"
-            + (f"; did you mean {hit!r}?" if hit else "")
+            f"unknown loss {name!r}; {did_you_mean(name, list(LOSSES))}allowed: {', '.join(LOSSES)}"
         )
     return LOSSES[name](cfg, task, class_counts)

@@ -34,14 +34,13 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from kiln.config import suggest
+from kiln.config import did_you_mean
 
 __all__ = ["create_feature_extractor", "feature_names", "get_features"]
 
 
 def _unknown(model: nn.Module, name: str, candidates: list[str], what: str) -> ValueError:
-    hint = suggest(name, candidates)
-    did = f"did you mean {hint!r}? " if hint else ""
+    did = did_you_mean(name, candidates)
     shown = ", ".join(repr(c) for c in candidates[:16])
     more = ", ..." if len(candidates) > 16 else ""
     return ValueError(f"{type(model).__name__} has no {what} {name!r}; {did}{what}s: {shown}{more}")

@@ -73,7 +73,7 @@ from torch import nn
 from torch.nn.parameter import UninitializedParameter
 from torch.nn.utils import parametrize
 
-from kiln.config import suggest
+from kiln.config import did_you_mean
 from kiln.models.gpt import TransformerBlock
 
 __all__ = [
@@ -162,16 +162,16 @@ def _check_args(model: nn.Module, scheme: str, std: float, nonlinearity: str, mo
     if not isinstance(model, nn.Module):
         raise TypeError(f"init_weights needs an nn.Module, got {type(model).__name__!r}")
     if scheme not in SCHEMES:
-        hint = suggest(str(scheme), list(SCHEMES))
-        did = f"; did you mean {hint!r}?" if hint else ";"
-        raise ValueError(f"unknown init scheme {scheme!r}{did} allowed: {', '.join(SCHEMES)}")
+        raise ValueError(
+            f"unknown init scheme {scheme!r}; {did_you_mean(scheme, SCHEMES)}"
+            f"allowed: {', '.join(SCHEMES)}"
+        )
     if isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 < std < math.inf:
         raise ValueError(f"init std must be a positive finite number (e.g. 0.02), got {std!r}")
     if nonlinearity not in NONLINEARITIES:
-        hint = suggest(str(nonlinearity), list(NONLINEARITIES))
-        did = f"; did you mean {hint!r}?" if hint else ";"
         raise ValueError(
-            f"unknown nonlinearity {nonlinearity!r}{did} allowed: {', '.join(NONLINEARITIES)}. "
+            f"unknown nonlinearity {nonlinearity!r}; {did_you_mean(nonlinearity, NONLINEARITIES)}"
+            f"allowed: {', '.join(NONLINEARITIES)}. "
             "For GELU/SiLU networks 'relu' is the usual approximation"
         )
     if mode not in ("fan_in", "fan_out"):

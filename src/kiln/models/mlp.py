@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
-from kiln.config import suggest
+from kiln.config import did_you_mean
 
 if TYPE_CHECKING:
     from kiln.data.base import DataInfo
@@ -45,9 +45,10 @@ _NORMS: dict[str, type[nn.Module] | None] = {
 
 def _choice(kind: str, value: str, table: Mapping[str, object]) -> None:
     if value not in table:
-        hint = suggest(value, list(table))
-        did = f"; did you mean {hint!r}?" if hint else ";"
-        raise ValueError(f"unknown {kind} {value!r}{did} allowed: {', '.join(table)}")
+        raise ValueError(
+            f"unknown {kind} {value!r}; {did_you_mean(value, list(table))}"
+            f"allowed: {', '.join(table)}"
+        )
 
 
 class MLP(nn.Module):

@@ -29,8 +29,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from kiln.config import did_you_mean
 from kiln.models.summary import count_parameters
-from kiln.models.trainable import FreezeReport, _did_you_mean, _shown, freeze, unfreeze
+from kiln.models.trainable import FreezeReport, _shown, freeze, unfreeze
 
 __all__ = [
     "Adapter",
@@ -50,7 +51,7 @@ def _module(model: nn.Module, name: str) -> nn.Module:
     if name not in named:
         names = [n for n in named if n]
         raise ValueError(
-            f"{type(model).__name__} has no module {name!r}; {_did_you_mean(name, names)}"
+            f"{type(model).__name__} has no module {name!r}; {did_you_mean(name, names)}"
             f"modules: {_shown(names)}"
         )
     return named[name]
@@ -116,7 +117,7 @@ def replace_head(
     if not isinstance(old, nn.Linear):
         raise ValueError(
             f"module {name!r} is a {type(old).__name__}, not an nn.Linear; "
-            f"{_did_you_mean(name, linears)}Linear modules: {_shown(linears)}"
+            f"{did_you_mean(name, linears)}Linear modules: {_shown(linears)}"
         )
     prefix = name + "."
     tied = sorted(
@@ -296,7 +297,7 @@ def insert_adapter(
     if position not in ("after", "before"):
         raise ValueError(
             f"position must be 'after' or 'before', got {position!r}; "
-            f"{_did_you_mean(str(position), ['after', 'before'])}".rstrip("; ")
+            f"{did_you_mean(position, ['after', 'before'])}".rstrip("; ")
         )
     if name == "":
         raise ValueError("name='' is the model itself; name one of its modules")

@@ -30,7 +30,7 @@ from typing import Any
 
 from torch import nn
 
-from kiln.config import suggest
+from kiln.config import did_you_mean
 from kiln.models.summary import count_parameters
 
 __all__ = ["FreezeReport", "freeze", "matching_parameters", "unfreeze"]
@@ -68,7 +68,7 @@ def matching_parameters(model: nn.Module, patterns: str | Sequence[str]) -> list
         found = {n for n in names if _matches(n, pattern)}
         if not found:
             tops = sorted({n.split(".")[0] for n in names})
-            hint = _did_you_mean(pattern, [n for n, _ in model.named_modules() if n])
+            hint = did_you_mean(pattern, [n for n, _ in model.named_modules() if n])
             raise ValueError(
                 f"freeze pattern {pattern!r} matches no parameter of {type(model).__name__}; "
                 f"{hint}top-level modules: {', '.join(tops)} "
@@ -76,11 +76,6 @@ def matching_parameters(model: nn.Module, patterns: str | Sequence[str]) -> list
             )
         hits |= found
     return sorted(hits)
-
-
-def _did_you_mean(word: str, choices: Sequence[str]) -> str:
-    hint = suggest(word, list(choices))
-    return f"did you mean {hint!r}? " if hint else ""
 
 
 def _shown(names: Sequence[str], limit: int = 12) -> str:
@@ -136,7 +131,7 @@ def _params_of_types(model: nn.Module, types: Sequence[TypeSpec]) -> list[str]:
         if isinstance(spec, str) and spec not in present:
             raise ValueError(
                 f"{type(model).__name__} has no module of type {spec!r}; "
-                f"{_did_you_mean(spec, present)}types present: {', '.join(present)}"
+                f"{did_you_mean(spec, present)}types present: {', '.join(present)}"
             )
         found = [
             f"{mod_name}.{p_name}" if mod_name else p_name

@@ -9,7 +9,8 @@ number of samples (``steps`` updates of the baseline's effective batch; a varian
 effective batch takes fewer updates, a fair accuracy comparison).
 
 The variants (:data:`VARIANTS`), each a change to the baseline, and the rules that skip them are
-in :mod:`kiln.perf.bench_variants` (re-exported here). Variants that cannot apply are skipped
+in :mod:`kiln.perf.bench_variants` (re-exported here); :func:`pick_best` picks the row
+``kiln bench --apply`` writes. Variants that cannot apply are skipped
 with the reason (pin_memory without a GPU, channels_last on flat inputs, compile in a budget
 shorter than one compilation). Step time is the median time between updates after ``warmup``;
 peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and, on the CPU, model + optimizer
@@ -44,7 +45,6 @@ from kiln.data.base import DataBundle
 from kiln.perf.bench_variants import (
     VARIANTS,
     Variant,
-    pick_best,
     plan_variants,
     set_optimizer_impl,
 )
@@ -114,12 +114,11 @@ class BenchOptions:
             raise ValueError(f"bench.tolerance must be >= 0, got {self.tolerance}")
         for name in self.variants or ():
             if name not in VARIANTS:
-                from kiln.config import suggest
+                from kiln.config import did_you_mean
 
-                hint = suggest(name, list(VARIANTS))
                 raise ValueError(
-                    f"unknown bench variant {name!r}; allowed: {', '.join(VARIANTS)}"
-                    + (f"; did you mean {hint!r}?" if hint else "")
+                    f"unknown bench variant {name!r}; {did_you_mean(name, list(VARIANTS))}"
+                    f"allowed: {', '.join(VARIANTS)}"
                 )
 
 
@@ -195,6 +194,36 @@ class BenchResult:
         out = asdict(self)
         out["options"]["variants"] = list(self.options.variants or VARIANTS)
         return out
+
+
+def pick_best(rows: Sequence[BenchRow], *, min_speedup: float = 1.03) -> BenchRow:
+    """The fastest row a config can express whose accuracy is within tolerance.
+
+    A variant must be at least ``min_speedup`` times the baseline's throughput (median over
+    repeats) and faster in every repeat to win; else the baseline is the best.
+
+    Example:
+        >>> base = BenchRow("baseline", "as configured", [], "ok", speedup=1.0)
+        >>> fast = BenchRow("precision", "precision=bf16", ["precision=bf16"], "ok",
+        ...                 speedup=1.8, speedups=[1.7, 1.8, 1.9], within_tolerance=True)
+        >>> worse = BenchRow("batch_x2", "data.batch_size=128", ["data.batch_size=128"], "ok",
+        ...                  speedup=2.5, speedups=[2.5], within_tolerance=False)
+        >>> pick_best([base, fast, worse]).name
+        'precision'
+    """
+    baseline = next(r for r in rows if r.name == "baseline")
+    fit = [
+        r
+        for r in rows
+        if r.status == "ok"
+        and r.name != "baseline"
+        and r.code_change is None
+        and r.within_tolerance
+        and r.speedup is not None
+        and all(x > 1 for x in r.speedups)
+    ]
+    best = max(fit, key=lambda r: r.speedup or 0.0, default=None)
+    return best if best is not None and (best.speedup or 0.0) >= min_speedup else baseline
 
 
 class _Meter:

@@ -9,13 +9,14 @@ static     FX graph mode post-training quantization (``prepare_fx``/``convert_fx
            mapping), Conv+BN+ReLU fused first, calibrated on N training batches; eager mode
            (per-layer QuantStub/DeQuantStub) for models FX cannot trace.
 qat        quantization-aware training: ``prepare_qat_fx``, a short fine-tune, ``convert_fx``.
-pt2e       torchao's PT2E flow (:mod:`kiln.compress.quantize.export`).
-onnx-int8  ONNX export + ONNX Runtime int8 (:mod:`kiln.compress.quantize.export`).
+pt2e       torchao's PT2E flow (:mod:`kiln.compress.quantize.pt2e`).
+onnx-int8  ONNX export + ONNX Runtime int8 (:mod:`kiln.compress.quantize.onnx`).
 ========== ==================================================================================
 
 Every method returns a :class:`~kiln.compress.report.CompressedModel`.
 
-**Saved format** (dynamic, static, qat): one ``model.safetensors`` holding the converted
+**Saved format** (dynamic, static, qat; :mod:`kiln.compress.quantize.saved`): one
+``model.safetensors`` holding the converted
 model's state with each int8 tensor stored as its integer values plus scale/zero point, and
 in its metadata the recipe (method, mode, backend, example shape) and, when known, the Kiln
 config that rebuilds the fp32 architecture. No pickle is involved: :func:`load_quantized`
@@ -40,9 +41,7 @@ Example:
 
 from __future__ import annotations
 
-import importlib
 import json
-from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,12 +49,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from kiln.compress.quantize import ao
+from kiln.compress.quantize.ao import Finetune
+from kiln.compress.quantize.saved import decode_state, load_state, read_recipe
 from kiln.compress.report import CompressedModel
 
 __all__ = [
     "AO_METHODS",
     "METHODS",
-    "describe_layers",
     "first_inputs",
     "load_quantized",
     "quantize",
@@ -64,21 +65,16 @@ __all__ = [
 
 METHODS = ("dynamic", "static", "qat", "pt2e", "onnx-int8")
 AO_METHODS = ("dynamic", "static", "qat")  # the torch.ao flows, saved and reloaded here
-WEIGHTS = "model.safetensors"
-FORMAT = 1
-
-Finetune = Callable[[nn.Module], "nn.Module | None"]
 
 
 def check_method(method: str) -> str:
     """``method`` if it is one of :data:`METHODS`, else a ValueError listing them."""
     if method not in METHODS:
-        from kiln.config import suggest
+        from kiln.config import did_you_mean
 
-        hint = suggest(method, list(METHODS))
-        did = f"; did you mean {hint!r}?" if hint else ""
         raise ValueError(
-            f"unknown quantization method {method!r}{did}; allowed: {', '.join(METHODS)}"
+            f"unknown quantization method {method!r}; {did_you_mean(method, list(METHODS))}"
+            f"allowed: {', '.join(METHODS)}"
         )
     return method
 
@@ -123,8 +119,6 @@ def quantize(
         ...
         ValueError: no Linear/LSTM/GRU layer to quantize; found: Conv2d x1, ReLU x1; ...
     """
-    from kiln.compress.quantize import ao
-
     check_method(method)
     if method == "dynamic":
         return ao.quantize_dynamic(model, metadata=metadata)
@@ -144,30 +138,14 @@ def quantize(
             model, calib, example, leaf_modules=leaf_modules, metadata=metadata
         )
     if method == "pt2e":
-        fn = _export_function(method, "quantize_pt2e")
-        return fn(model, calib, example, calib_batches=len(calib))
+        from kiln.compress.quantize.pt2e import quantize_pt2e
+
+        return quantize_pt2e(model, calib, example, calib_batches=len(calib))
     if onnx_static is None:
         onnx_static = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
-    fn = _export_function(method, "quantize_onnx_int8")
-    return fn(model, calib, example, static=onnx_static, calib_batches=len(calib))
+    from kiln.compress.quantize.onnx import quantize_onnx_int8
 
-
-def _export_function(method: str, name: str) -> Callable[..., Any]:
-    """``kiln.compress.quantize.export.<name>``, imported only when that method is asked for."""
-    module_name = "kiln.compress.quantize.export"
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name:
-            raise
-        module = None
-    fn = getattr(module, name, None)
-    if fn is None:
-        raise ValueError(
-            f"--method {method} is not yet supported by this Kiln version "
-            f"({module_name}.{name} is missing); use --method dynamic, static or qat"
-        )
-    return fn
+    return quantize_onnx_int8(model, calib, example, static=onnx_static, calib_batches=len(calib))
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -197,156 +175,6 @@ def first_inputs(loader: Iterable[Any], n: int) -> list[torch.Tensor]:
     return out
 
 
-def describe_layers(model: nn.Module) -> str:
-    """Leaf layer types and counts, most common first: ``"Conv2d x6, BatchNorm2d x6, ..."``.
-
-    Example:
-        >>> describe_layers(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)))
-        'Linear x2, ReLU x1'
-    """
-    counts = Counter(
-        type(m).__name__ for m in model.modules() if not list(m.children()) and m is not model
-    )
-    if not counts and not list(model.children()):
-        counts[type(model).__name__] += 1
-    return ", ".join(f"{name} x{n}" for name, n in counts.most_common()) or "no layers"
-
-
-# --------------------------------------------------------------------------- saved format
-
-
-def _encode(key: str, value: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Store ``value`` under ``key`` in ``tensors``; return how to decode it (JSON-ready)."""
-    if isinstance(value, torch.Tensor):
-        if not value.is_quantized:
-            tensors[key] = value.detach().contiguous()
-            return {"t": "tensor"}
-        tensors[key] = value.int_repr().contiguous()
-        if value.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
-            # Python floats survive JSON exactly (repr round-trips).
-            return {"t": "qtensor", "scale": value.q_scale(), "zero_point": value.q_zero_point()}
-        tensors[f"{key}#scales"] = value.q_per_channel_scales().contiguous()
-        tensors[f"{key}#zero_points"] = value.q_per_channel_zero_points().contiguous()
-        return {"t": "qchannel", "axis": value.q_per_channel_axis()}
-    if value is None:
-        return {"t": "none"}
-    if isinstance(value, torch.dtype):
-        return {"t": "dtype", "value": str(value).removeprefix("torch.")}
-    if isinstance(value, (tuple, list)):
-        items = [_encode(f"{key}#{i}", v, tensors) for i, v in enumerate(value)]
-        return {"t": "tuple", "items": items}
-    raise TypeError(f"cannot store state entry {key!r} of type {type(value).__name__}")
-
-
-def _decode(key: str, spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
-    kind = spec["t"]
-    if kind == "tensor":
-        return tensors[key]
-    if kind == "qtensor":
-        return torch._make_per_tensor_quantized_tensor(
-            tensors[key], spec["scale"], spec["zero_point"]
-        )
-    if kind == "qchannel":
-        return torch._make_per_channel_quantized_tensor(
-            tensors[key], tensors[f"{key}#scales"], tensors[f"{key}#zero_points"], spec["axis"]
-        )
-    if kind == "none":
-        return None
-    if kind == "dtype":
-        return getattr(torch, spec["value"])
-    if kind == "tuple":
-        return tuple(_decode(f"{key}#{i}", s, tensors) for i, s in enumerate(spec["items"]))
-    raise ValueError(f"unknown entry kind {kind!r} in the saved layout of {key!r}")
-
-
-def _rnn_modules(model: nn.Module) -> dict[str, nn.Module]:
-    from torch.ao.nn.quantized.dynamic.modules.rnn import RNNBase
-
-    return {name: m for name, m in model.named_modules() if isinstance(m, RNNBase)}
-
-
-def quantized_state(model: nn.Module) -> dict[str, Any]:
-    """The converted model's state, with dynamic LSTM/GRU weights as plain int8 tensors.
-
-    Their packed weights are script objects in ``state_dict()``; ``_weight_bias()`` gives
-    the same values as tensors, and ``set_weight_bias`` packs them again on load.
-    """
-    state: dict[str, Any] = dict(model.state_dict())
-    for name, rnn in _rnn_modules(model).items():
-        for key in [k for k in state if k.startswith(f"{name}._all_weight_values.")]:
-            del state[key]
-        wb = rnn._weight_bias()  # type: ignore[operator]
-        for param, value in {**wb["weight"], **wb["bias"]}.items():
-            state[f"{name}#rnn.{param}"] = value
-    return state
-
-
-def save_quantized(
-    model: nn.Module, folder: Path, recipe: dict[str, Any], metadata: dict[str, str] | None
-) -> Path:
-    """Write ``folder/model.safetensors`` (state + recipe + ``metadata``); returns the file."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    layout = {k: _encode(k, v, tensors) for k, v in quantized_state(model).items()}
-    meta = dict(metadata or {})
-    meta["kiln_quant"] = json.dumps({**recipe, "format": FORMAT})
-    meta["kiln_quant_layout"] = json.dumps(layout)
-    path = folder / WEIGHTS
-    tmp = path.with_name(f".{path.name}.tmp")
-    # Clone: save_file refuses tensors that share memory (e.g. a bias in two packed tuples).
-    save_file({k: v.clone() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
-
-
-def _load_state(model: nn.Module, state: dict[str, Any]) -> None:
-    rnns = _rnn_modules(model)
-    plain = {k: v for k, v in state.items() if "#rnn." not in k}
-    # Packed RNN weights load through set_weight_bias below; until then the rebuilt model's
-    # own (placeholder) packed entries stand in, as load_state_dict reads them unconditionally.
-    prefixes = tuple(f"{n}._all_weight_values." for n in rnns)
-    own = model.state_dict()
-    if prefixes:
-        plain.update({k: v for k, v in own.items() if k.startswith(prefixes)})
-    # The module versions ride in the state dict's _metadata; quantized layers read their
-    # entries differently by version, so the rebuilt model's versions go along.
-    loadable = OrderedDict(plain)
-    loadable._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]
-    try:
-        model.load_state_dict(loadable, strict=True)
-    except (RuntimeError, KeyError) as exc:
-        first = (str(exc).strip().splitlines() or [""])[-1].strip()
-        raise ValueError(
-            f"the saved quantized state does not fit the rebuilt model ({first}); was it "
-            "quantized from a different architecture? Pass that fp32 model as model=..."
-        ) from None
-    for name, rnn in rnns.items():
-        prefix = f"{name}#rnn."
-        wb = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        rnn.set_weight_bias(wb)  # type: ignore[operator]
-
-
-def read_recipe(path: str | Path) -> tuple[Path, dict[str, str]]:
-    """The ``model.safetensors`` under ``path`` (a folder or the file) and its metadata."""
-    from kiln.safeio.tensorfile import read_header
-
-    p = Path(path)
-    file = p / WEIGHTS if p.is_dir() else p
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"no {WEIGHTS} in {p}; quantize first: kiln quantize RUN --method dynamic"
-        )
-    meta = read_header(file)[1]  # a damaged header is one line naming the file
-    if "kiln_quant" not in meta:
-        raise ValueError(
-            f"{file} is not a Kiln quantized model (no kiln_quant metadata); load fp32 "
-            "weights with kiln.train.weights.load_model"
-        )
-    return file, meta
-
-
 def load_quantized(
     path: str | Path, *, model: nn.Module | None = None, trust_code: bool = False
 ) -> nn.Module:
@@ -369,21 +197,20 @@ def load_quantized(
     """
     from safetensors.torch import load_file
 
-    from kiln.compress.quantize import ao
-
     file, meta = read_recipe(path)
     recipe = json.loads(meta["kiln_quant"])
     if recipe.get("method") not in AO_METHODS:
         raise ValueError(
             f"{file} holds a {recipe.get('method')!r} model; load_quantized reloads "
-            f"{', '.join(AO_METHODS)} (see kiln.compress.quantize.export for the others)"
+            f"{', '.join(AO_METHODS)}; read a pt2e file with kiln.compress.quantize.pt2e."
+            "load_pt2e and an onnx-int8 file with kiln.deploy.onnx.onnx_session"
         )
     if model is None:
         model = _fp32_from_metadata(file, meta, trust_code=trust_code)
     qmodel = ao.rebuild(recipe, model)
     layout = json.loads(meta["kiln_quant_layout"])
     tensors = load_file(str(file))
-    _load_state(qmodel, {k: _decode(k, spec, tensors) for k, spec in layout.items()})
+    load_state(qmodel, decode_state(layout, tensors))
     return qmodel.eval()
 
 
@@ -402,7 +229,7 @@ def reload_max_abs_diff(
 
     * ``dynamic``/``static``/``qat``: :func:`load_quantized` (rebuilt from the saved config and
       state) against ``result.predict``;
-    * ``pt2e``: :func:`~kiln.compress.quantize.export.load_pt2e` against ``result.module``,
+    * ``pt2e``: :func:`~kiln.compress.quantize.pt2e.load_pt2e` against ``result.module``,
       the converted Q/DQ program before compilation (the compiled, frozen program's int8
       kernels round differently, so it is not the reference for the file's contents);
     * ``onnx-int8``: a new ONNX Runtime session over the file against ``result.predict``.
@@ -432,13 +259,13 @@ def reload_max_abs_diff(
         )
         reference = result.predict
     elif method == "pt2e":
-        from kiln.compress.quantize.export import load_pt2e
+        from kiln.compress.quantize.pt2e import load_pt2e
 
         if result.module is None:
             raise ValueError("a pt2e result without its converted program (module) to compare")
         saved, reference = load_pt2e(path), result.module
     else:
-        from kiln.compress.quantize.export import onnx_predict, onnx_session
+        from kiln.deploy.onnx import onnx_predict, onnx_session
 
         saved, reference = onnx_predict(onnx_session(Path(path))), result.predict
     with torch.inference_mode():
