@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -57,3 +58,19 @@ def _no_leftover_process_group() -> Iterator[None]:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment() -> Iterator[None]:
+    """Put ``os.environ`` back as it was: a variable a test sets must not steer the next one.
+
+    ``monkeypatch.setenv`` already undoes itself; this catches code under test (and tests) that
+    write ``os.environ`` directly, such as ``os.environ.setdefault`` in the library.
+    """
+    saved = dict(os.environ)
+    yield
+    for key in [k for k in os.environ if k not in saved]:
+        del os.environ[key]
+    for key, value in saved.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value

@@ -10,7 +10,7 @@ from runners import ROOT
 
 import kiln
 from kiln.data.loader import EpochSampler, make_loader, start_epoch
-from kiln.train.checkpoint import CheckpointManager, load_checkpoint, resolve_checkpoint
+from kiln.train.checkpoint import load_checkpoint, resolve_checkpoint
 from kiln.train.trainer import Trainer
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -72,17 +72,6 @@ def test_epoch_sampler_resumes_mid_epoch() -> None:
     )
     start_epoch(loader, 0, batches_done=1)
     assert [b[0].tolist() for b in loader] == [[4, 5, 6, 7], [8, 9]]
-
-
-def test_checkpoint_manager_keeps_last_and_best(tmp_path: Path) -> None:
-    m = CheckpointManager(tmp_path, keep_last=2, keep_best=1, mode="max")
-    for step, acc in [(1, 0.5), (2, 0.9), (3, 0.6), (4, 0.7), (5, 0.65)]:
-        m.save({"step": step}, step=step, metric=acc)
-    kept = sorted(p.name for p in tmp_path.glob("*.ckpt"))
-    assert kept == ["step-2.ckpt", "step-4.ckpt", "step-5.ckpt"]
-    assert resolve_checkpoint(tmp_path).name == "step-5.ckpt"
-    assert (tmp_path / "best").read_text() == "step-2.ckpt"
-    assert load_checkpoint(resolve_checkpoint(tmp_path / "best"))["step"] == 2
 
 
 def test_user_model_and_dataset_from_python(tmp_path: Path) -> None:
