@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from nan_models import NaNModel
 from torch import nn
 
 from kiln.errors import KilnError
@@ -13,27 +14,6 @@ from kiln.train import build
 from kiln.train.checkpoint import load_checkpoint
 from kiln.train.guard import NonFiniteError
 from kiln.train.trainer import Trainer
-
-
-class NaNModel(nn.Module):
-    """An MLP whose output is NaN on chosen training forward calls, or always in eval mode."""
-
-    def __init__(self, bad_calls: range | tuple[int, ...] = (), *, eval_nan: bool = False) -> None:
-        super().__init__()
-        self.flatten = nn.Flatten()
-        self.hidden = nn.Linear(64, 16)
-        self.fc = nn.Linear(16, 10)
-        self.bad_calls, self.eval_nan, self.calls = bad_calls, eval_nan, 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.fc(torch.relu(self.hidden(self.flatten(x))))
-        if self.training:
-            self.calls += 1
-            if self.calls in self.bad_calls:
-                out = out * float("nan")
-        elif self.eval_nan:
-            out = out * float("nan")
-        return out
 
 
 def _trainer(make_cfg, model: nn.Module, *overrides: str, verbose: bool = False) -> Trainer:

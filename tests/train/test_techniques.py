@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from nan_models import NaNModel
 from safetensors.torch import load_file
 from torch import nn
 
@@ -216,29 +217,10 @@ def test_early_stopping_ends_the_run_normally(make_cfg) -> None:
 # ---------------------------------------------------------------- non-finite policies
 
 
-class NaNAt(nn.Module):
-    """An MLP whose output is NaN on chosen training forward calls."""
-
-    def __init__(self, in_features: int, num_classes: int, bad_calls: tuple[int, ...]) -> None:
-        super().__init__()
-        self.flatten = nn.Flatten()
-        self.hidden = nn.Linear(in_features, 16)
-        self.fc = nn.Linear(16, num_classes)
-        self.bad_calls, self.calls = bad_calls, 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.fc(torch.relu(self.hidden(self.flatten(x))))
-        if self.training:
-            self.calls += 1
-            if self.calls in self.bad_calls:
-                out = out * float("nan")
-        return out
-
-
 def _nan_trainer(make_cfg, *overrides: str, bad=(5,)) -> Trainer:
     cfg = make_cfg(*overrides, "train.epochs=2")
     data = build.build_data_for(cfg)
-    model = NaNAt(64, 10, bad)
+    model = NaNModel(bad)
     return Trainer(cfg, model=model, data=data, verbose=False)
 
 
