@@ -66,6 +66,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
+from kiln.models.wrappers import unwrap_model
+
 __all__ = [
     "DEFAULT_BLOCKS",
     "apply_activation_checkpointing",
@@ -180,19 +182,6 @@ def is_checkpointed(module: nn.Module) -> bool:
 
 
 # ---------------------------------------------------------------------------- choosing modules
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside ``torch.compile`` / DDP / DataParallel wrappers."""
-    while True:
-        inner = getattr(model, "_orig_mod", None)
-        if isinstance(inner, nn.Module):
-            model = inner
-            continue
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-            continue
-        return model
 
 
 def _covered(name: str, chosen: Sequence[str]) -> bool:
@@ -378,7 +367,7 @@ def apply_activation_checkpointing(
         >>> sorted(net.state_dict()) == sorted(Net().state_dict())
         True
     """
-    root = _unwrap(model)
+    root = unwrap_model(model)
     plan = _default_plan(root) if targets is None else _target_plan(root, _normalize(targets))
     wrapped = [n for n, m in root.named_modules() if is_checkpointed(m)]
     names: list[str] = []
@@ -420,7 +409,7 @@ def remove_activation_checkpointing(model: nn.Module) -> list[str]:
         []
     """
     restored: list[str] = []
-    for name, module in _unwrap(model).named_modules():
+    for name, module in unwrap_model(model).named_modules():
         if is_checkpointed(module):
             fwd = module.__dict__["forward"]
             original = fwd.args[-1]

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kiln.models.wrappers import unwrap_model
+
 __all__ = ["EMA", "ema_decay"]
 
 _STATE_KEYS = frozenset({"shadow", "decay", "num_updates"})
@@ -75,19 +77,6 @@ def _check_decay(decay: float) -> None:
             f"EMA decay must be a float in the open interval (0, 1), got {decay!r}; "
             "typical values are 0.99-0.9999 (closer to 1 averages over more steps)."
         )
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP (``.module``) and ``torch.compile`` (``._orig_mod``)."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-            continue
-        inner = getattr(model, "_orig_mod", None)
-        if isinstance(inner, nn.Module):
-            model = inner
-            continue
-        return model
 
 
 class EMA:
@@ -324,7 +313,7 @@ class EMA:
     # ---- helpers ------------------------------------------------------------------------------
 
     def _named_tensors(self, model: nn.Module) -> dict[str, Tensor]:
-        model = _unwrap(model)
+        model = unwrap_model(model)
         tensors: dict[str, Tensor] = dict(model.named_parameters())
         if self.update_buffers:
             tensors.update(model.named_buffers())

@@ -29,6 +29,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from kiln.doctor.checks import model_device
 from kiln.doctor.findings import Finding, finding
 from kiln.doctor.sites import def_site, in_torch, short_path, user_file, user_site
+from kiln.models.wrappers import wrapper_chain
 
 __all__ = ["Probe"]
 
@@ -49,8 +50,7 @@ class Probe:
     ) -> None:
         self.model = model
         self.names = {id(m): (n or type(m).__name__) for n, m in model.named_modules()}
-        inner = [getattr(model, a, None) for a in ("module", "_orig_mod")]  # DDP, compile
-        self.roots = {id(model)} | {id(m) for m in inner if isinstance(m, nn.Module)}
+        self.roots = {id(m) for m in wrapper_chain(model)}  # DDP, DataParallel, compile
         self.optimizers: list[torch.optim.Optimizer] = [optimizer] if optimizer else []
         self.scalers: list[torch.amp.GradScaler] = [scaler] if scaler is not None else []
         self.phase, self.step, self.ran = "idle", -1, 0

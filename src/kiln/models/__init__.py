@@ -34,6 +34,7 @@ from kiln.models.surgery import (
     unfreeze,
 )
 from kiln.models.text_encoder import SentenceEncoder, TextClassifier, build_minilm
+from kiln.models.wrappers import unwrap_model
 
 __all__ = [
     "GPT",
@@ -66,4 +67,5 @@ __all__ = [
     "replace_head",
     "truncate",
     "unfreeze",
+    "unwrap_model",
 ]

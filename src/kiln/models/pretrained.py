@@ -96,7 +96,8 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def _unwrap(obj: Any, origin: str) -> dict[str, torch.Tensor]:
+def _state_dict_in(obj: Any, origin: str) -> dict[str, torch.Tensor]:
+    """The tensors of a state dict, or of the one under ``state_dict``/``model`` in ``obj``."""
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
@@ -121,7 +122,7 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
         from kiln.safeio.torchfile import torch_load
 
         # Sizes are checked before torch.load; a pickle that imports anything is refused.
-        return _unwrap(torch_load(path, map_location="cpu"), str(path))
+        return _state_dict_in(torch_load(path, map_location="cpu"), str(path))
     raise ValueError(
         f"unknown weights file type {path.suffix!r} ({path}); expected .safetensors or "
         f"{', '.join(_PICKLED)}"
@@ -298,7 +299,7 @@ def load_pretrained(
         (True, 4.0)
     """
     if isinstance(source, Mapping):
-        origin, raw = origin or "a state dict", _unwrap(source, "source")
+        origin, raw = origin or "a state dict", _state_dict_in(source, "source")
     else:
         origin, raw = str(source), read_state_dict(source)
     names = _rename(list(raw), strip_prefix, add_prefix, rename)
