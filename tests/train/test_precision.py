@@ -169,3 +169,20 @@ def test_state_dict_round_trips_the_scale() -> None:
     assert bf16.state_dict() == {"kind": "bf16", "scaler": None}
     bf16.load_state_dict(state)  # a scaler state has nowhere to go: ignored, no error
     assert bf16.scaler is None
+
+
+@pytest.mark.gpu
+def test_fp16_on_cuda_needs_no_flag_and_skips_non_finite_steps() -> None:
+    cuda = torch.device("cuda")
+    p = Precision("fp16", cuda)  # no refusal and no warning off the CPU
+    assert isinstance(p.scaler, torch.amp.GradScaler) and p.scaler.get_scale() == 65536.0
+    model = _model().to(cuda)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with p.autocast():
+        out = model(torch.randn(4, 6, device=cuda))
+    assert out.dtype == torch.float16
+    before = copy.deepcopy(model.state_dict())
+    p.backward(model(torch.full((2, 6), float("inf"), device=cuda)).sum())
+    assert p.step(opt) is False
+    torch.testing.assert_close(model.state_dict(), before, rtol=0, atol=0)
+    assert Precision("bf16", cuda).scaler is None
