@@ -211,16 +211,10 @@ def trace(model: nn.Module, *, leaf_modules: Sequence[type[nn.Module]] = ()) -> 
         >>> [n.op for n in gm.graph.nodes]
         ['placeholder', 'call_module', 'call_module', 'output']
     """
-    from kiln.models.layers import DropPath
-
-    leaves: tuple[type[nn.Module], ...] = (DropPath, *leaf_modules)
-
-    class _Tracer(fx.Tracer):
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return isinstance(m, leaves) or super().is_leaf_module(m, qualname)
+    from kiln.models.tracing import ModuleTracer
 
     try:
-        graph = _Tracer().trace(model)
+        graph = ModuleTracer(leaf_modules).trace(model)
     except Exception as exc:  # FX raises TraceError, TypeError, RuntimeError... by case
         name = type(model).__name__
         first = (str(exc).strip().splitlines() or [""])[0]

@@ -28,13 +28,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import fx, nn
 
 from kiln.config import did_you_mean
+from kiln.models.tracing import ModuleTracer
 
 __all__ = ["create_feature_extractor", "feature_names", "get_features"]
 
@@ -100,30 +101,9 @@ def get_features(
     return {n: store[n] for n in wanted}
 
 
-class _Tracer(fx.Tracer):
-    """FX tracer that remembers the output node of every module call, leaf or not."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.module_outputs: dict[str, fx.Node] = {}
-
-    def call_module(
-        self,
-        m: nn.Module,
-        forward: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        out = super().call_module(m, forward, args, kwargs)
-        if isinstance(out, fx.Proxy):  # a module returning a tuple is reachable via its nodes
-            # a module called several times keeps its last call, as with hooks
-            self.module_outputs[self.path_of_module(m)] = out.node
-        return out
-
-
 def _trace(model: nn.Module) -> tuple[fx.Graph, dict[str, fx.Node]]:
     """The graph and requestable name -> node (module outputs first, then every node)."""
-    tracer = _Tracer()
+    tracer = ModuleTracer()
     try:
         graph = tracer.trace(model)
     except Exception as err:

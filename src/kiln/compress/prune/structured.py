@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from kiln.models.tracing import ModuleTracer
+
 __all__ = [
     "NORMS",
     "Group",
@@ -135,15 +137,6 @@ class StructuredResult:
     after: dict[str, int] = field(default_factory=dict)
 
 
-class _Tracer(fx.Tracer):
-    """Stops at every ``torch.nn`` module and at Kiln's DropPath (its body is data-dependent)."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        from kiln.models.layers import DropPath
-
-        return isinstance(m, DropPath) or super().is_leaf_module(m, module_qualified_name)
-
-
 def _out_width(m: nn.Module) -> int:
     return int(m.out_features if isinstance(m, nn.Linear) else m.out_channels)  # type: ignore[arg-type]
 
@@ -172,7 +165,7 @@ def _passes_channels(node: fx.Node, modules: Mapping[str, nn.Module], src: fx.No
 
 def _trace(model: nn.Module) -> fx.Graph:
     try:
-        return _Tracer().trace(model)
+        return ModuleTracer().trace(model)
     except Exception as exc:  # fx raises many kinds (TraceError, TypeError, NotImplementedError)
         raise ValueError(
             f"structured pruning reads the model's dataflow with torch.fx, which cannot trace "
