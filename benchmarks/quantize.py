@@ -19,7 +19,7 @@ Methods (``--methods``), each measured against ``fp32`` (eager, the baseline of 
 * ``static``: FX graph mode static int8, fused Conv+BN+ReLU, x86 qconfig mapping
   (``quantize(model, "static", ...)``, ``prepare_fx``/``convert_fx``);
 * ``pt2e``: torchao PT2E with ``X86InductorQuantizer``, compiled by Inductor with freezing on
-  (``kiln.compress.quantize.export.quantize_pt2e``);
+  (``kiln.compress.quantize.pt2e.quantize_pt2e``);
 * ``ort_fp32``: the fp32 ONNX export (dynamo exporter) run by ONNX Runtime;
 * ``ort_int8``: ORT dynamic int8 (``quantize_onnx_int8``);
 * ``ort_int8_static``: ORT static int8, QDQ, per-channel weights (``static=True``).
@@ -177,7 +177,9 @@ def apply(
     method: str, model: Any, calib: list[Any], example: Any, out: Path
 ) -> tuple[Any, Path, dict[str, Any]]:
     """(predict, saved file, notes) of ``method`` on ``model``."""
-    from kiln.compress.quantize import export as qx
+    from kiln.compress.quantize.onnx import quantize_onnx_int8
+    from kiln.compress.quantize.pt2e import quantize_pt2e
+    from kiln.deploy.onnx import export_onnx, onnx_predict, onnx_session
 
     out.mkdir(parents=True, exist_ok=True)
     if method == "fp32":
@@ -186,8 +188,8 @@ def apply(
         save_model(model, str(out / "model.safetensors"))
         return model, out / "model.safetensors", {}
     if method == "ort_fp32":
-        path = qx.export_onnx(model, example, out / "model.onnx")
-        return qx.onnx_predict(qx.onnx_session(path)), path, {}
+        path = export_onnx(model, example, out / "model.onnx")
+        return onnx_predict(onnx_session(path)), path, {}
     if method in ("dynamic", "static"):
         from kiln.compress.quantize.core import quantize
 
@@ -197,10 +199,10 @@ def apply(
             k: q.notes[k] for k in ("mode", "quantized", "float_layers") if k in q.notes
         }
     elif method == "pt2e":
-        q = qx.quantize_pt2e(model, calib, example)
+        q = quantize_pt2e(model, calib, example)
         notes = {"compiled": q.notes["compiled"]}
     elif method in ("ort_int8", "ort_int8_static"):
-        q = qx.quantize_onnx_int8(model, calib, example, static=method == "ort_int8_static")
+        q = quantize_onnx_int8(model, calib, example, static=method == "ort_int8_static")
         notes = {"format": q.notes["format"]}
     else:
         raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")

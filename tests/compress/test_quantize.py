@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,7 +234,10 @@ def test_bad_input_names_the_layers_and_the_methods() -> None:
         quantize(nn.Linear(3, 2), "static", example=x)
 
 
-def test_export_methods_route_to_quantize_export(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_export_methods_route_to_pt2e_and_onnx(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kiln.compress.quantize import onnx as onnx_int8
+    from kiln.compress.quantize import pt2e as pt2e_int8
+
     calls: list[tuple[str, Any]] = []
 
     def pt2e(model: nn.Module, calib: list[Any], example: Any, *, calib_batches: int) -> str:
@@ -247,10 +248,8 @@ def test_export_methods_route_to_quantize_export(monkeypatch: pytest.MonkeyPatch
         calls.append(("onnx", static))
         return "o"
 
-    fake = types.ModuleType("kiln.compress.quantize.export")
-    fake.quantize_pt2e = pt2e  # type: ignore[attr-defined]
-    fake.quantize_onnx_int8 = onnx  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "kiln.compress.quantize.export", fake)
+    monkeypatch.setattr(pt2e_int8, "quantize_pt2e", pt2e)
+    monkeypatch.setattr(onnx_int8, "quantize_onnx_int8", onnx)
     x = torch.randn(4, 3)
     batches = [(x, None)] * 10
     model, conv = nn.Linear(3, 2), nn.Conv1d(1, 1, 1)
@@ -259,7 +258,4 @@ def test_export_methods_route_to_quantize_export(monkeypatch: pytest.MonkeyPatch
     quantize(model, "onnx-int8", calib_loader=batches, example=x)  # Linear only: dynamic
     quantize(conv, "onnx-int8", calib_loader=batches, example=x)  # convolutions: static
     assert calls == [("pt2e", (3, 3)), ("onnx", True), ("onnx", False), ("onnx", True)]
-    del fake.quantize_pt2e
-    with pytest.raises(ValueError, match="pt2e is not yet supported"):
-        quantize(model, "pt2e", calib_loader=batches, example=x)
     assert set(METHODS) == {"dynamic", "static", "qat", "pt2e", "onnx-int8"}

@@ -17,18 +17,11 @@ import torch
 from runners import ROOT
 from torch import nn
 
-from kiln.compress.quantize.export import (
-    ONNX_INT8_FILE,
-    PT2E_FILE,
-    export_onnx,
-    load_pt2e,
-    onnx_predict,
-    onnx_session,
-    quantize_onnx_int8,
-    quantize_pt2e,
-)
+from kiln.compress.quantize.onnx import ONNX_INT8_FILE, quantize_onnx_int8
+from kiln.compress.quantize.pt2e import PT2E_FILE, load_pt2e, quantize_pt2e
 from kiln.compress.report import score
 from kiln.config import load_config
+from kiln.deploy.onnx import export_onnx, onnx_predict, onnx_session
 from kiln.train.build import build_data_for, loader_for
 from kiln.train.trainer import Trainer
 from kiln.train.weights import load_model

@@ -213,7 +213,7 @@ def _exported(model: nn.Module, example: torch.Tensor, path: Path) -> dict[str, 
 
 def _onnx(model: nn.Module, example: torch.Tensor, path: Path) -> dict[str, Any]:
     """The dynamo ONNX exporter (dynamic batch, one file), checked by ``onnx.checker``."""
-    from kiln.compress.quantize.export import export_onnx
+    from kiln.deploy.onnx import export_onnx
 
     try:
         with quiet_export():
@@ -243,7 +243,7 @@ def load_exported(path: str | Path, format: str, *, trust_code: bool = False) ->
     """
     check_format(format)
     if format == "onnx":
-        from kiln.compress.quantize.export import onnx_predict, onnx_session
+        from kiln.deploy.onnx import onnx_predict, onnx_session
 
         return onnx_predict(onnx_session(Path(path)))
     if format == "torchscript":

@@ -25,13 +25,20 @@ import os
 import re
 import sys
 import sysconfig
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 
 from kiln.errors import ModelError
 
-__all__ = ["explain_export_failure", "quiet_export", "user_line"]
+__all__ = [
+    "explain_export_failure",
+    "no_treespec_warning",
+    "quiet_export",
+    "quiet_loggers",
+    "user_line",
+]
 
 _KILN_DIR = str(Path(__file__).resolve().parents[1]) + os.sep
 _STDLIB_DIR = str(Path(sysconfig.get_paths()["stdlib"]).resolve()) + os.sep
@@ -72,6 +79,50 @@ def quiet_export() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def quiet_loggers(names: Iterable[str]) -> Iterator[None]:
+    """Raise the given loggers to ERROR inside the block and restore their levels after it.
+
+    For the info lines an exporter or a library logs on every call (the dynamo ONNX exporter's
+    "torchvision is not installed", torchao's kernels it cannot load on a CPU build).
+
+    Example:
+        >>> with quiet_loggers(["torch.onnx"]):
+        ...     pass
+    """
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def no_treespec_warning() -> Iterator[None]:
+    """Ignore torch's own pytree deprecation, raised inside its deep copies of exported graphs.
+
+    ``copy.deepcopy`` of a module call graph (``ExportedProgram.run_decompositions``, which the
+    ONNX exporter calls, or of an exported ``GraphModule``) trips torch 2.13's FutureWarning
+    "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and
+    treespec.is_leaf()` instead." in torch's code, not ours.
+
+    Example:
+        >>> with no_treespec_warning():
+        ...     pass
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+            category=FutureWarning,
+        )
+        yield
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

@@ -16,12 +16,13 @@ Example:
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from torch import nn
 
-__all__ = ["ModuleCount", "ParamCount", "count_parameters"]
+__all__ = ["ModuleCount", "ParamCount", "count_parameters", "describe_layers"]
 
 
 @dataclass(frozen=True)
@@ -192,3 +193,18 @@ def count_parameters(model: nn.Module, depth: int = 1) -> ParamCount:
     buffers = sum(b.numel() for b in model.buffers())  # buffers() already skips repeats
     rows = tuple(ModuleCount(k, order[k], *totals[k]) for k in order)
     return ParamCount(total, trainable, total - trainable, buffers, depth, rows)
+
+
+def describe_layers(model: nn.Module) -> str:
+    """Leaf layer types and counts, most common first: ``"Conv2d x6, BatchNorm2d x6, ..."``.
+
+    Example:
+        >>> describe_layers(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)))
+        'Linear x2, ReLU x1'
+    """
+    counts = Counter(
+        type(m).__name__ for m in model.modules() if not list(m.children()) and m is not model
+    )
+    if not counts and not list(model.children()):
+        counts[type(model).__name__] += 1
+    return ", ".join(f"{name} x{n}" for name, n in counts.most_common()) or "no layers"

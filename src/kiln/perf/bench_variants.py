@@ -18,7 +18,7 @@ as configured, each a change to the baseline (:data:`VARIANTS`):
 
 Variants that cannot apply are skipped with the reason (pin_memory without a GPU, channels_last
 on flat inputs). :func:`set_optimizer_impl` switches a built optimizer for the ``foreach`` and
-``forloop`` rows; :func:`pick_best` picks the row ``--apply`` writes.
+``forloop`` rows; :func:`kiln.perf.bench.pick_best` picks the row ``--apply`` writes.
 
 Example:
     >>> from kiln.config import load_config
@@ -34,7 +34,6 @@ import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -42,13 +41,9 @@ from kiln.config import Config
 from kiln.data.base import DataInfo
 from kiln.perf.measure import cpu_cores
 
-if TYPE_CHECKING:
-    from kiln.perf.bench import BenchRow
-
 __all__ = [
     "VARIANTS",
     "Variant",
-    "pick_best",
     "plan_variants",
     "set_optimizer_impl",
 ]
@@ -222,34 +217,3 @@ def set_optimizer_impl(optimizer: torch.optim.Optimizer, impl: str) -> None:
         group["foreach"] = impl == "foreach"
     # A fused optimizer unscales fp16 gradients itself; the others need the GradScaler to.
     optimizer._step_supports_amp_scaling = False  # type: ignore[attr-defined]
-
-
-def pick_best(rows: Sequence[BenchRow], *, min_speedup: float = 1.03) -> BenchRow:
-    """The fastest row a config can express whose accuracy is within tolerance.
-
-    A variant must be at least ``min_speedup`` times the baseline's throughput (median over
-    repeats) and faster in every repeat to win; else the baseline is the best.
-
-    Example:
-        >>> from kiln.perf.bench import BenchRow
-        >>> base = BenchRow("baseline", "as configured", [], "ok", speedup=1.0)
-        >>> fast = BenchRow("precision", "precision=bf16", ["precision=bf16"], "ok",
-        ...                 speedup=1.8, speedups=[1.7, 1.8, 1.9], within_tolerance=True)
-        >>> worse = BenchRow("batch_x2", "data.batch_size=128", ["data.batch_size=128"], "ok",
-        ...                  speedup=2.5, speedups=[2.5], within_tolerance=False)
-        >>> pick_best([base, fast, worse]).name
-        'precision'
-    """
-    baseline = next(r for r in rows if r.name == "baseline")
-    fit = [
-        r
-        for r in rows
-        if r.status == "ok"
-        and r.name != "baseline"
-        and r.code_change is None
-        and r.within_tolerance
-        and r.speedup is not None
-        and all(x > 1 for x in r.speedups)
-    ]
-    best = max(fit, key=lambda r: r.speedup or 0.0, default=None)
-    return best if best is not None and (best.speedup or 0.0) >= min_speedup else baseline

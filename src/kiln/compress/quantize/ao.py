@@ -45,8 +45,10 @@ import torch
 from torch import nn
 
 from kiln.compress.fuse import HOW_TO_TRACE, UntraceableError, fuse, fuse_sequential, trace
-from kiln.compress.quantize.core import Finetune, describe_layers, save_quantized
+from kiln.compress.quantize.saved import save_quantized
 from kiln.compress.report import CompressedModel
+from kiln.models.summary import describe_layers
+from kiln.run import METRICS, SUMMARY
 
 if TYPE_CHECKING:
     from kiln.config import Config
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DYNAMIC_LAYERS",
+    "Finetune",
     "default_backend",
     "qat_config",
     "quantize_dynamic",
@@ -63,6 +66,8 @@ __all__ = [
     "trainer_finetune",
 ]
 
+# QAT's fine-tune: trains the prepared model in place, or returns the trained one.
+Finetune = Callable[[nn.Module], "nn.Module | None"]
 DYNAMIC_LAYERS: dict[str, type[nn.Module]] = {"Linear": nn.Linear, "LSTM": nn.LSTM, "GRU": nn.GRU}
 _STATIC_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -451,7 +456,7 @@ def trainer_finetune(
                 prepared.load_state_dict(load_checkpoint(result.best_checkpoint)["model"])
             if keep is not None:
                 keep.mkdir(parents=True, exist_ok=True)
-                for name in ("metrics.jsonl", "summary.json"):
+                for name in (METRICS, SUMMARY):
                     if (Path(tmp) / name).is_file():
                         shutil.copy(Path(tmp) / name, keep / f"qat_{name}")
         return prepared

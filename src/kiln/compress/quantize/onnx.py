@@ -1,11 +1,12 @@
-"""Int8 quantization through ONNX Runtime, and the ONNX export / session / predict helpers.
+"""Int8 quantization through ONNX Runtime.
 
-:func:`quantize_onnx_int8` exports fp32 ONNX with the dynamo exporter (dynamic batch, one file),
-runs ONNX Runtime's pre-processing, then ``quantize_dynamic`` (int8 weights, activations
-quantized on the fly) or ``quantize_static`` (QDQ, per-channel weights, activation ranges from
-calibration batches). It predicts through an ``onnxruntime.InferenceSession`` on the CPU
-execution provider with one intra-op thread. :func:`export_onnx`, :func:`onnx_session` and
-:func:`onnx_predict` are also used by ``kiln export``.
+:func:`quantize_onnx_int8` exports fp32 ONNX with the dynamo exporter (dynamic batch, one file,
+:func:`kiln.deploy.onnx.export_onnx`), runs ONNX Runtime's pre-processing, then
+``quantize_dynamic`` (int8 weights, activations quantized on the fly) or ``quantize_static``
+(QDQ, per-channel weights, activation ranges from calibration batches). It predicts through an
+``onnxruntime.InferenceSession`` on the CPU execution provider with one intra-op thread
+(:func:`kiln.deploy.onnx.onnx_session`). The fp32 export, session and predict helpers belong to
+:mod:`kiln.deploy.onnx`: plain export is deploy's job, and int8 builds on it.
 """
 
 from __future__ import annotations
@@ -19,105 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from kiln.compress.quantize.pt2e import (
-    _calib_inputs,
-    _export_example,
-    _no_treespec_warning,
-    _quiet,
-)
-from kiln.compress.report import CompressedModel, Predict
+from kiln.compress.quantize.pt2e import _calib_inputs
+from kiln.compress.report import CompressedModel
+from kiln.deploy.onnx import export_onnx, onnx_predict, onnx_session, require_onnx
 
-__all__ = ["ONNX_INT8_FILE", "export_onnx", "onnx_predict", "onnx_session", "quantize_onnx_int8"]
+__all__ = ["ONNX_INT8_FILE", "quantize_onnx_int8"]
 
 ONNX_INT8_FILE = "model_int8.onnx"
-
-_ONNX_HINT = (
-    "ONNX int8 quantization needs onnx, onnxscript and onnxruntime: "
-    "pip install onnx onnxscript onnxruntime (or pip install 'kiln[compress]')"
-)
-# The dynamo ONNX exporter logs "torchvision is not installed. Skipping torchvision::nms" etc.
-_ONNX_LOGGERS = ("torch.onnx",)
-
-
-def _require_onnx() -> None:
-    """Raise one clear error when a package of the ONNX path is missing."""
-    import importlib
-
-    missing = []
-    for name in ("onnx", "onnxscript", "onnxruntime"):
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            missing.append(name)
-    if missing:
-        raise ImportError(f"{_ONNX_HINT} (missing: {', '.join(missing)})")
-
-
-def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> Path:
-    """Export fp32 ONNX with the dynamo exporter: dynamic batch, weights in the one file, checked.
-
-    The input is named ``x`` and its dimension 0 ``batch``; the output is ``output``.
-
-    Raises:
-        ImportError: onnx, onnxscript or onnxruntime is missing.
-
-    Example:
-        >>> export_onnx(model, torch.randn(8, 64), "out/model.onnx")  # doctest: +SKIP
-        PosixPath('out/model.onnx')
-    """
-    _require_onnx()
-    import onnx
-
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with _quiet(_ONNX_LOGGERS), _no_treespec_warning():
-        torch.onnx.export(
-            model.eval(),
-            (_export_example(example),),
-            str(p),
-            dynamo=True,
-            dynamic_shapes=({0: "batch"},),
-            input_names=["x"],
-            output_names=["output"],
-            external_data=False,  # one self-contained file, even for large models
-            verbose=False,
-        )
-    onnx.checker.check_model(str(p), full_check=True)
-    return p
-
-
-def onnx_session(model: str | Path | bytes, *, threads: int = 1) -> Any:
-    """An ``onnxruntime.InferenceSession`` on the CPU provider with ``threads`` intra-op threads.
-
-    Example:
-        >>> sess = onnx_session("out/model_int8.onnx")  # doctest: +SKIP
-    """
-    _require_onnx()
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3  # errors only: no per-session info lines on stderr
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
-
-
-def onnx_predict(session: Any) -> Predict:
-    """A ``predict`` function (CPU tensor in, CPU tensor out) over an ORT session's first output.
-
-    Example:
-        >>> predict = onnx_predict(onnx_session("out/model.onnx"))  # doctest: +SKIP
-        >>> predict(torch.randn(3, 64)).shape                       # doctest: +SKIP
-        torch.Size([3, 10])
-    """
-    name = session.get_inputs()[0].name
-
-    def predict(x: torch.Tensor) -> torch.Tensor:
-        out = session.run(None, {name: x.detach().to("cpu", torch.float32).contiguous().numpy()})[0]
-        return torch.from_numpy(out)
-
-    return predict
 
 
 def _calibration_reader(loader: Iterable[Any], batches: int, input_name: str) -> Any:
@@ -187,7 +96,7 @@ def quantize_onnx_int8(
         >>> q.save(Path("out"))                                           # doctest: +SKIP
         PosixPath('out/model_int8.onnx')
     """
-    _require_onnx()
+    require_onnx()
     from onnxruntime.quantization import (
         QuantFormat,
         QuantType,

@@ -6,16 +6,15 @@ with Inductor **with freezing on**. Freezing is what turns the Q/DQ pattern into
 kernels with pre-packed weights; without it the compiled program is no faster than fp32. The
 program saves as a ``.pt2`` file (``torch.export.save``); :func:`load_pt2e` reads it back.
 
-This module also holds the helpers the ONNX path (:mod:`kiln.compress.quantize.onnx`) shares:
-quiet loggers, calibration inputs, the export example and torch's pytree warning filter.
-:mod:`kiln.compress.quantize.export` re-exports the public names of both paths.
+This module also holds the calibration-input reader the ONNX path
+(:mod:`kiln.compress.quantize.onnx`) shares; the export example, the quiet loggers and torch's
+pytree warning filter come from :mod:`kiln.deploy` (plain export is deploy's job).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -25,6 +24,8 @@ import torch
 from torch import nn
 
 from kiln.compress.report import CompressedModel
+from kiln.deploy.export_errors import no_treespec_warning, quiet_export, quiet_loggers
+from kiln.deploy.onnx import dynamic_batch_example
 
 __all__ = ["PT2E_FILE", "load_pt2e", "quantize_pt2e"]
 
@@ -41,20 +42,6 @@ _TORCHAO_LOGGERS = ("torchao", "torch.utils._pytree")
 # ----------------------------------------------------------------------------- helpers
 
 
-@contextlib.contextmanager
-def _quiet(names: Iterable[str]) -> Iterator[None]:
-    """Raise the given loggers to ERROR inside the block and restore their levels after it."""
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
 def _import_torchao() -> Any:
     """torchao's PT2E entry points (a namespace), imported without its import-time log lines.
 
@@ -65,7 +52,7 @@ def _import_torchao() -> Any:
     """
     from types import SimpleNamespace
 
-    with _quiet(_TORCHAO_LOGGERS):
+    with quiet_loggers(_TORCHAO_LOGGERS):
         try:
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
             from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
@@ -101,14 +88,6 @@ def _calib_inputs(loader: Iterable[Any], batches: int) -> Iterator[torch.Tensor]
         raise ValueError("the calibration loader is empty; pass the training loader")
 
 
-def _export_example(example: torch.Tensor) -> torch.Tensor:
-    """The example with a batch of at least 2: a batch of 1 would be specialised, not dynamic."""
-    if example.dim() == 0:
-        raise ValueError("example must be a batch of inputs with the batch as dimension 0")
-    example = example.detach().to("cpu", torch.float32)
-    return example if len(example) >= 2 else example.repeat(2, *[1] * (example.dim() - 1))
-
-
 # ----------------------------------------------------------------------------- PT2E
 
 
@@ -117,8 +96,6 @@ def _export_dynamic(model: nn.Module, example: torch.Tensor) -> tuple[Any, str |
 
     Returns the program and None, or, after the fallback, a sentence saying what happened.
     """
-    from kiln.deploy.export_errors import quiet_export
-
     batch = torch.export.Dim("batch", min=1)
     try:
         with quiet_export():
@@ -154,24 +131,6 @@ def _drop_unused_tensors(program: torch.fx.GraphModule) -> list[str]:
         delattr(program.get_submodule(owner), attr)
         dropped.append(name)
     return dropped
-
-
-@contextlib.contextmanager
-def _no_treespec_warning() -> Iterator[None]:
-    """Ignore torch's own pytree deprecation, raised inside its deep copies of exported graphs.
-
-    ``copy.deepcopy`` of a module call graph (``ExportedProgram.run_decompositions``, which the
-    ONNX exporter calls, or of an exported ``GraphModule``) trips torch 2.13's FutureWarning
-    "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and
-    treespec.is_leaf()` instead." in torch's code, not ours.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore",
-            message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-            category=FutureWarning,
-        )
-        yield
 
 
 @contextlib.contextmanager
@@ -218,7 +177,7 @@ class _FrozenProgram:
         try:
             # A deep copy has its own forward code object, hence its own Dynamo cache: a failed
             # dynamic attempt leaves nothing behind for the static compilation below.
-            with _no_treespec_warning():
+            with no_treespec_warning():
                 clone = copy.deepcopy(program)
             self._compile(clone, dynamic=True)
             for x in (example, example[:1], torch.cat([example, example[:1]])):
@@ -298,7 +257,7 @@ def quantize_pt2e(
     """
     ao = _import_torchao()
     model = model.eval()
-    ex = _export_example(example)
+    ex = dynamic_batch_example(example)
     exported, export_fallback = _export_dynamic(model, ex)
     dynamic = export_fallback is None
     quantizer = ao.X86InductorQuantizer()
