@@ -12,7 +12,6 @@ import kiln.models
 from kiln.algorithms.early_stopping import EarlyStopping
 from kiln.algorithms.freezing import Freezer, freeze, frozen_bn_eval, unfreeze
 from kiln.algorithms.mixing import BatchMixer
-from kiln.algorithms.nonfinite import first_nonfinite_module, nonfinite_grads
 from kiln.algorithms.swa import SWA, recompute_bn
 from kiln.config import SchedulerConfig
 from kiln.train.schedules import build_scheduler, scale_lrs
@@ -185,25 +184,6 @@ def test_batch_mixer_off_last_epochs() -> None:
     assert [mixer.active(e) for e in range(5)] == [True, True, True, False, False]
     with pytest.raises(ValueError, match="mixup_alpha > 0 or cutmix_alpha > 0"):
         BatchMixer(3)
-
-
-# ---------------------------------------------------------------- non-finite diagnosis
-
-
-def test_first_nonfinite_module_is_found_and_hooks_removed() -> None:
-    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
-    assert first_nonfinite_module(net, torch.ones(1, 2)) is None
-    with torch.no_grad():
-        net[2].bias.fill_(float("nan"))
-    assert first_nonfinite_module(net, torch.ones(1, 2)) == ("2", "Linear")
-    assert first_nonfinite_module(net, torch.full((1, 2), float("inf")))[0] == "<input>"
-    assert all(not m._forward_hooks for m in net.modules())
-
-
-def test_nonfinite_grads_names_parameters() -> None:
-    net = nn.Linear(2, 1)
-    net(torch.tensor([[float("inf"), 1.0]])).sum().backward()
-    assert nonfinite_grads(net) == ["weight"]
 
 
 # ---------------------------------------------------------------- LR scaling (rollback)
