@@ -1,4 +1,13 @@
-"""Exact gradient accumulation: the loss factor of each micro-batch and the fix-up at the update.
+"""Gradient accumulation, decided here once: which micro-steps update, and the exact weights.
+
+The schedule (DESIGN.md rule 4): micro-step ``i`` (0-based) of a pass over ``n`` micro-batches
+ends its group, and so updates, when ``(i + 1) % k == 0`` or it is the last one
+(:func:`ends_group`); a group holds ``k`` micro-batches except a partial last one
+(:func:`group_length`); a pass takes ``ceil(n / k)`` updates (:func:`updates_per_pass`). The
+:class:`~kiln.train.engine.Engine` applies these; every loop asks the Engine
+(``is_update``, ``starts_group``, ``updates_per_pass``) rather than repeating the arithmetic.
+
+Weights:
 
 Accumulating ``k`` micro-batches must give the gradient of one big batch: the mean loss over
 every sample of the group. Each micro-batch's mean loss therefore needs the factor
@@ -17,13 +26,47 @@ Example:
     (0.25, None)
     >>> w.correction()  # grads * 16/12: the mean over the 12 samples
     1.3333333333333333
+    >>> [ends_group(i, 5, 2) for i in range(5)], updates_per_pass(5, 2)
+    ([False, True, False, True, True], 3)
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["GroupWeights"]
+import torch
+
+__all__ = [
+    "GroupWeights",
+    "MicroStep",
+    "ends_group",
+    "group_length",
+    "leading_size",
+    "starts_group",
+    "updates_per_pass",
+]
+
+
+def ends_group(i: int, n: int | None, k: int) -> bool:
+    """Whether micro-step ``i`` of ``n`` (None: unknown) ends its group of ``k``: an update."""
+    return (i + 1) % k == 0 or (n is not None and i == n - 1)
+
+
+def starts_group(i: int, k: int) -> bool:
+    """Whether micro-step ``i`` is the first of its group of ``k``."""
+    return i % k == 0
+
+
+def group_length(i: int, n: int | None, k: int) -> int:
+    """Micro-batches in the group of micro-step ``i``: ``k``, fewer for a partial last group."""
+    if n is None:
+        return k
+    return min(k, n - (i // k) * k)
+
+
+def updates_per_pass(n: int, k: int) -> int:
+    """Updates a pass over ``n`` micro-batches takes: one per group, a partial last one too."""
+    return -(-n // k)
 
 
 class GroupWeights:
@@ -100,3 +143,42 @@ class GroupWeights:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.unit = state.get("unit")
         self.reset()
+
+
+def leading_size(batch: Any) -> int | None:
+    """Leading dimension of the first tensor in a (nested) batch; None when there is none."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else None
+    if isinstance(batch, (tuple, list)):
+        items: Any = batch
+    elif isinstance(batch, dict):
+        items = batch.values()
+    else:
+        return None
+    for item in items:
+        found = leading_size(item)
+        if found is not None:
+            return found
+    return None
+
+
+class MicroStep:
+    """The reusable context :meth:`Engine.micro_step` returns (no generator per step)."""
+
+    __slots__ = ("_ctx", "sync", "update")
+
+    def __init__(self) -> None:
+        self.update = True
+        self.sync: Any = None
+        self._ctx: Any = None
+
+    def __enter__(self) -> bool:
+        if self.sync is not None:
+            self._ctx = self.sync()
+            self._ctx.__enter__()
+        return self.update
+
+    def __exit__(self, *exc: object) -> None:
+        if self._ctx is not None:
+            ctx, self._ctx = self._ctx, None
+            ctx.__exit__(*exc)

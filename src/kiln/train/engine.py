@@ -42,8 +42,9 @@ import torch
 from torch import nn
 
 from kiln.errors import NotSupportedError, UsageError
-from kiln.train import distributed, parallel
-from kiln.train.accumulation import GroupWeights
+from kiln.train import accumulation, distributed, parallel
+from kiln.train.accumulation import GroupWeights, MicroStep, leading_size
+from kiln.train.found_inf import FoundInf
 from kiln.train.precision import Precision
 
 T = TypeVar("T")
@@ -125,13 +126,12 @@ class Engine:
         self._last_stepped = True
         self._non_blocking = self.device.type == "cuda"
         self._cpu_as_is = self.device.type == "cpu" and not channels_last
-        self._micro = _MicroStep()
+        self._micro = MicroStep()
         self._group = GroupWeights(accumulate)
         self._seen: int | None = None  # leading size of the batch to_device moved last
         self._last_i = -1
         self._fsdp = False
-        self._found: torch.Tensor | None = None  # non-finite flag of grads_finite, reused
-        self._one: torch.Tensor | None = None
+        self._found_inf = FoundInf(self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
 
@@ -169,7 +169,7 @@ class Engine:
         micro-step (its share of the accumulation group); evaluation under ``no_grad`` is not.
         """
         if torch.is_grad_enabled():
-            self._seen = _leading_size(batch)
+            self._seen = leading_size(batch)
         if self._cpu_as_is:  # CPU tensors stay as they are: skip the per-step traversal
             return batch
         return self._move(batch)
@@ -191,14 +191,19 @@ class Engine:
 
     def is_update(self, i: int, n_batches: int | None) -> bool:
         """Whether micro-step ``i`` (0-based, of ``n_batches``) ends an accumulation group."""
-        return (i + 1) % self.accumulate == 0 or (n_batches is not None and i == n_batches - 1)
+        return accumulation.ends_group(i, n_batches, self.accumulate)
+
+    def starts_group(self, i: int) -> bool:
+        """Whether micro-step ``i`` is the first of its accumulation group."""
+        return accumulation.starts_group(i, self.accumulate)
 
     def group_size(self, i: int, n_batches: int | None) -> int:
         """Micro-batches in the accumulation group of micro-step ``i`` (smaller when partial)."""
-        start = (i // self.accumulate) * self.accumulate
-        if n_batches is None:
-            return self.accumulate
-        return min(self.accumulate, n_batches - start)
+        return accumulation.group_length(i, n_batches, self.accumulate)
+
+    def updates_per_pass(self, n_batches: int) -> int:
+        """Optimizer updates a pass over ``n_batches`` micro-batches takes (partial group too)."""
+        return accumulation.updates_per_pass(n_batches, self.accumulate)
 
     def micro_step(
         self,
@@ -208,7 +213,8 @@ class Engine:
         weight: float | None = None,
         update: bool | None = None,
         size: int | None = None,
-    ) -> _MicroStep:
+        last_piece: bool = True,
+    ) -> MicroStep:
         """Context for one micro-batch; ``as`` gives whether this micro-step updates the weights.
 
         On non-update micro-steps of a model that has ``no_sync`` (DDP), gradient all-reduce is
@@ -220,23 +226,26 @@ class Engine:
                 after the loop).
             weight: the caller's own loss factor for every micro-batch of the group, instead
                 of the exact default (samples in it / samples in the group).
-            update: override the update decision (a loader batch split into several
-                micro-batches updates on its last piece only).
+            update: override the Engine's update decision (prefer ``last_piece``: the rule
+                then stays the Engine's).
             size: samples in this micro-batch (default: the leading dimension of the batch last
                 moved by :meth:`to_device`; when neither is known, all count the same).
+            last_piece: False for every piece of loader batch ``i`` split into several
+                micro-batches (they share ``i``) but the last: only the last piece may update.
 
         Raises:
             UsageError: ``i`` starts a new pass while the previous pass's last group still holds
                 gradients that no update applied.
         """
         if update is None:
-            update = self.is_update(i, n_batches)
+            update = last_piece and accumulation.ends_group(i, n_batches, self.accumulate)
         if i < self._last_i:  # a new pass (the pieces of one split batch share their i)
             self._check_no_pending(i)
         self._last_i = i
         if size is None:
             size, self._seen = self._seen, None
-        planned = self.group_size(i, n_batches) if n_batches is not None else 0
+        n, k = n_batches, self.accumulate
+        planned = accumulation.group_length(i, n, k) if n is not None else 0
         self._scale = self._group.factor(size, update=update, weight=weight, planned=planned)
         step = self._micro
         step.update = update
@@ -326,20 +335,23 @@ class Engine:
         group = self._group
         if group.explicit or not group.steps:
             return
+        if self.world.size == 1:
+            factor = group.correction()
+            if factor == 1.0:  # the common case (full groups of equal batches): nothing to do
+                return
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if self.world.size > 1:
-            # Every replica must apply the same factor: the ranks' totals are summed (one small
-            # all-reduce, no host sync), so the factor is the one of the global batch.
-            totals = torch.tensor(
-                [group.expected, group.samples], dtype=torch.float64, device=self.device
-            )
-            totals = distributed.all_reduce_sum(totals)
-            if grads:
-                torch._foreach_mul_(grads, (totals[0] / totals[1]).float())
+        if not grads:
             return
-        factor = group.correction()
-        if factor != 1.0 and grads:
+        if self.world.size == 1:
             torch._foreach_mul_(grads, factor)
+            return
+        # Every replica must apply the same factor: the ranks' totals are summed (one small
+        # all-reduce, no host sync), so the factor is the one of the global batch.
+        totals = torch.tensor(
+            [group.expected, group.samples], dtype=torch.float64, device=self.device
+        )
+        totals = distributed.all_reduce_sum(totals)
+        torch._foreach_mul_(grads, (totals[0] / totals[1]).float())
 
     def grad_norm(self, optimizer: torch.optim.Optimizer) -> torch.Tensor:
         """Total L2 norm of the current gradients (a device tensor; no host sync).
@@ -362,44 +374,60 @@ class Engine:
         tensor kept between calls), falling back to the total norm for tensors it does not take
         (FSDP2's DTensors). A NaN/Inf loss makes the gradients non-finite too, so the loss only
         needs checking under fp16, where the gradients are scaled and the GradScaler skips
-        overflowing updates itself.
+        overflowing updates itself. :meth:`optimizer_step` with ``skip_nonfinite=True`` makes
+        the same decision without the host sync.
         """
-        if self._found is None or self._one is None:
-            self._found = torch.zeros(1, device=self.device)
-            self._one = torch.ones(1, device=self.device)
-        bad, one = self._found, self._one
-        bad.zero_()
-        if loss is not None:
-            bad.add_(~torch.isfinite(loss.detach()))
-        if self.precision.kind != "fp16":
-            grads = [
-                p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None
-            ]
-            if grads and all(type(g) is torch.Tensor for g in grads):
-                dtype = grads[0].dtype
-                if all(g.dtype == dtype for g in grads):
-                    torch._amp_foreach_non_finite_check_and_unscale_(grads, bad, one)
-                else:
-                    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-                    for g in grads:
-                        by_dtype.setdefault(g.dtype, []).append(g)
-                    for group in by_dtype.values():
-                        torch._amp_foreach_non_finite_check_and_unscale_(group, bad, one)
-            elif grads:
-                bad.add_(~torch.isfinite(self.grad_norm(optimizer)))
+        if self.precision.kind == "fp16":  # scaled grads: the scaler checks them at its step
+            if loss is None:
+                return True
+            bad = (~torch.isfinite(loss.detach()).all()).float()
+        else:
+            bad = self._found_inf.check(optimizer, loss)
         if self.world.size > 1:
             bad = distributed.all_reduce_max(bad.clone())
         return not bool(bad)
 
     def optimizer_step(
-        self, optimizer: torch.optim.Optimizer, *, grad_norm: bool = False
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        grad_norm: bool = False,
+        skip_nonfinite: bool = False,
     ) -> torch.Tensor | None:
         """Unscale, clip, step, update the scaler, and zero the grads (set to None).
 
         Returns the total grad norm (a device tensor, no host sync) when clipping by norm or when
         ``grad_norm`` is True, else None. ``self.updates`` counts updates taken.
+
+        Args:
+            optimizer: the optimizer to step.
+            grad_norm: return the total gradient norm even without clipping.
+            skip_nonfinite: skip the update when a gradient holds NaN/Inf, without a host sync
+                where the optimizer allows it (``fused=True``: the flag goes into the fused
+                kernel, as the GradScaler does; see :mod:`kiln.train.found_inf`). Such a step
+                still counts in ``self.updates``; :meth:`nonfinite_skips` reads how many were
+                skipped (one sync; call it at a log interval). Under fp16 the GradScaler already
+                skips these steps (``self.skipped``).
+
+        Example:
+            >>> from torch import nn
+            >>> engine = Engine(device="cpu")
+            >>> model, _ = engine.setup(nn.Linear(2, 1))
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+            >>> for scale in (1.0, float("nan"), 1.0):
+            ...     with engine.micro_step(0, 1):
+            ...         engine.backward(model(torch.ones(4, 2)).sum() * scale)
+            ...     _ = engine.optimizer_step(opt, skip_nonfinite=True)
+            >>> engine.nonfinite_skips()
+            1
         """
         self._correct_group(optimizer)  # before unscaling: the factor is linear
+        guard = skip_nonfinite and self.precision.scaler is None
+        flag: torch.Tensor | None = None
+        if guard:  # on the grads as back-propagated: clipping a NaN norm would spread it
+            flag = self._found_inf.check(optimizer)
+            if self.world.size > 1:  # every replica skips alike (an all-reduce, no host sync)
+                flag = distributed.all_reduce_max(flag.clone())
         norm: torch.Tensor | None = None
         if self.clip_norm is not None or self.clip_value is not None or grad_norm:
             self.precision.unscale_(optimizer)
@@ -413,7 +441,11 @@ class Engine:
                     [p.grad for p in params],
                     foreach=True,
                 )
-        stepped = self.precision.step(optimizer)
+        if flag is not None:
+            self._found_inf.step(optimizer, flag)
+            stepped = True
+        else:
+            stepped = self.precision.step(optimizer)
         self.zero_grad(optimizer)
         if stepped:
             self.updates += 1
@@ -421,6 +453,10 @@ class Engine:
             self.skipped += 1
         self._last_stepped = stepped
         return norm
+
+    def nonfinite_skips(self) -> int:
+        """Updates ``optimizer_step(skip_nonfinite=True)`` skipped so far (one host sync)."""
+        return self._found_inf.skipped()
 
     @property
     def last_step_taken(self) -> bool:
@@ -448,6 +484,7 @@ class Engine:
             "updates": self.updates,
             "skipped": self.skipped,
             "accumulation": self._group.state_dict(),
+            "found_inf": self._found_inf.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -455,43 +492,5 @@ class Engine:
         self.updates = int(state["updates"])
         self.skipped = int(state.get("skipped", 0))
         self._group.load_state_dict(state.get("accumulation", {}))
+        self._found_inf.load_state_dict(state.get("found_inf", {}))
         self._seen, self._last_i = None, -1
-
-
-def _leading_size(batch: Any) -> int | None:
-    """Leading dimension of the first tensor in a (nested) batch; None when there is none."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else None
-    if isinstance(batch, (tuple, list)):
-        items: Any = batch
-    elif isinstance(batch, dict):
-        items = batch.values()
-    else:
-        return None
-    for item in items:
-        found = _leading_size(item)
-        if found is not None:
-            return found
-    return None
-
-
-class _MicroStep:
-    """The reusable context :meth:`Engine.micro_step` returns (no generator per step)."""
-
-    __slots__ = ("_ctx", "sync", "update")
-
-    def __init__(self) -> None:
-        self.update = True
-        self.sync: Any = None
-        self._ctx: Any = None
-
-    def __enter__(self) -> bool:
-        if self.sync is not None:
-            self._ctx = self.sync()
-            self._ctx.__enter__()
-        return self.update
-
-    def __exit__(self, *exc: object) -> None:
-        if self._ctx is not None:
-            ctx, self._ctx = self._ctx, None
-            ctx.__exit__(*exc)
