@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test mutation install install-dev lint format typecheck bench clean
+.PHONY: demo test mutation install install-dev lint lint-imports format typecheck bench clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -35,10 +35,14 @@ test: install-dev
 mutation: install-dev
 	$(PY) mutations/run.py
 
-lint: install-dev
+lint: install-dev lint-imports
 	$(VENV)/bin/ruff check src tests benchmarks examples mutations
 	$(VENV)/bin/ruff format --check src tests benchmarks examples mutations
 	$(VENV)/bin/mypy
+
+# The import contracts in .importlinter: layers, independent tools, no cycle (about a second).
+lint-imports: install-dev
+	$(VENV)/bin/lint-imports --no-cache
 
 format: install-dev
 	$(VENV)/bin/ruff format src tests benchmarks examples

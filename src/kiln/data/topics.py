@@ -7,7 +7,7 @@ Two sources share one code path:
 * a user's UTF-8 TSV file (``data.path``): one ``label<TAB>text`` example per line; blank lines
   and lines starting with ``#`` are skipped.
 
-Texts are tokenised with the MiniLM tokenizer (:func:`kiln.models.text_encoder.load_tokenizer`)
+Texts are tokenised with the MiniLM tokenizer (:func:`kiln.data.tokenize.load_tokenizer`)
 into int64 ids of a fixed length, padded with the tokenizer's pad id, so both the pretrained
 :class:`~kiln.models.text_encoder.TextClassifier` and the
 :class:`~kiln.models.bow.BagOfWords` baseline read the same tensors.
@@ -130,7 +130,7 @@ def build_topics(
         >>> b.info.input_shape, len(b.test)  # doctest: +SKIP
         ((16,), 300)
     """
-    from kiln.models.text_encoder import encode_texts, load_tokenizer, pad_id_of
+    from kiln.data.tokenize import encode_texts, load_tokenizer, pad_id_of
 
     if cfg.task not in ("auto", "classification"):
         raise DataError(f"topics data is text classification; set data.task=auto, not {cfg.task}")
