@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from kiln.compress.prune.core import WEIGHTS, Finetune
+from kiln.compress.prune.core import Finetune
 
 if TYPE_CHECKING:
     from kiln.config import Config
@@ -69,13 +69,12 @@ def trainer_finetune(
     """A :data:`Finetune` that trains with Kiln's Trainer and the run's config.
 
     Each cycle first re-estimates BatchNorm statistics on the train split
-    (:func:`recalibrate_bn`), then is a run in ``out_dir/cycle-<i>`` with
-    ``train.epochs=epochs`` (no resume, ``max_steps`` and SWA off, ``overrides`` last). The
-    pruned model is passed as ``model=``, so the masks stay and pruned weights get no gradient.
-    The Trainer's checkpoints and that run's ``model.safetensors`` then hold
-    ``weight_orig``/``weight_mask`` instead of ``weight``: they load into the masked model
-    (which is what happens here: the best weights are read back), not with
-    ``kiln.load_model``. The pruned folder's final file has plain keys.
+    (:func:`recalibrate_bn`), then is :func:`kiln.compress.finetune.finetune_in_run` in
+    ``out_dir/cycle-<i>`` with ``train.epochs=epochs`` (no resume, ``max_steps`` and SWA off,
+    ``overrides`` last): the masks stay, pruned weights get no gradient, and the best weights
+    are read back. The Trainer's checkpoints and that run's ``model.safetensors`` hold
+    ``weight_orig``/``weight_mask`` instead of ``weight``: they load into the masked model, not
+    as a fresh one. The pruned folder's final file has plain keys.
 
     Returns:
         ``finetune(model, cycle)``, which leaves the model on the CPU in eval mode and returns
@@ -85,8 +84,7 @@ def trainer_finetune(
     Example:
         >>> tune = trainer_finetune(cfg, data, epochs=2, out_dir="out/ft")  # doctest: +SKIP
     """
-    from safetensors.torch import load_model as st_load
-
+    from kiln.compress.finetune import finetune_in_run
     from kiln.compress.report import score
     from kiln.config import apply_overrides, validate
     from kiln.train import build
@@ -110,18 +108,12 @@ def trainer_finetune(
         test = build.loader_for(tune_cfg, data.test, train=False, device=torch.device("cpu"))
 
     def finetune(model: nn.Module, cycle: int) -> dict[str, Any]:
-        from kiln.train.trainer import Trainer
-
-        run_dir = Path(out_dir) / f"cycle-{cycle}"
         out: dict[str, Any] = {}
         if test is not None:
             out["pruned"] = score(model.cpu().eval(), test, task)
         if recalibrate_bn(model.cpu(), train) and test is not None:
             out["recalibrated"] = score(model.eval(), test, task)
-        Trainer(tune_cfg, model=model, data=data, run_dir=run_dir, verbose=False).fit()
-        # The Trainer leaves the last epoch's weights in ``model``; its result is the best ones.
-        st_load(model, str(run_dir / WEIGHTS), strict=True, device="cpu")
-        model.cpu().eval()
+        finetune_in_run(tune_cfg, model, data, Path(out_dir) / f"cycle-{cycle}")
         if test is not None:
             out["finetuned"] = score(model, test, task)
         return out

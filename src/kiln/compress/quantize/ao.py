@@ -438,22 +438,23 @@ def trainer_finetune(
     keep: Path | None = None,
     verbose: bool = False,
 ) -> Callable[[nn.Module], nn.Module]:
-    """A ``finetune`` for :func:`quantize_qat` that runs Kiln's Trainer with ``cfg``.
+    """A ``finetune`` for :func:`quantize_qat`: :func:`kiln.compress.finetune.finetune_in_run`.
 
-    Pass ``cfg`` through :func:`qat_config` first. The Trainer writes to a temporary run
-    directory; its ``metrics.jsonl`` and ``summary.json`` are copied to ``keep`` as
-    ``qat_metrics.jsonl`` and ``qat_summary.json``. The best checkpoint's weights (by the
-    run's monitored metric) are loaded back into the prepared model.
+    Pass ``cfg`` through :func:`qat_config` first. The run goes to a temporary directory; its
+    ``metrics.jsonl`` and ``summary.json`` are copied to ``keep`` as ``qat_metrics.jsonl`` and
+    ``qat_summary.json``. The prepared model ends with the weights the run kept (the best by
+    its monitored metric), on the CPU in eval mode.
+
+    Example:
+        >>> qcfg, _ = qat_config(cfg, epochs=2)  # doctest: +SKIP
+        >>> q = quantize_qat(net, x, trainer_finetune(qcfg, data))  # doctest: +SKIP
     """
 
     def finetune(prepared: nn.Module) -> nn.Module:
-        from kiln.train.checkpoint import load_checkpoint
-        from kiln.train.trainer import Trainer
+        from kiln.compress.finetune import finetune_in_run
 
         with tempfile.TemporaryDirectory(prefix="kiln-qat-") as tmp:
-            result = Trainer(cfg, model=prepared, data=data, run_dir=tmp, verbose=verbose).fit()
-            if result.best_checkpoint is not None:
-                prepared.load_state_dict(load_checkpoint(result.best_checkpoint)["model"])
+            finetune_in_run(cfg, prepared, data, tmp, verbose=verbose)
             if keep is not None:
                 keep.mkdir(parents=True, exist_ok=True)
                 for name in (METRICS, SUMMARY):
