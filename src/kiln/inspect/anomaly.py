@@ -2,13 +2,9 @@
 
 A non-finite loss says only that something went wrong somewhere. Two tools say where:
 
-* :class:`NonFiniteGuard` hooks every module's forward and stops at the first module (in
-  execution order, innermost first) whose output holds a NaN or Inf. Its
-  :class:`NonFiniteReport` names the module, the step, and the min/max/mean of the inputs that
-  module received, which usually tells a bad input (huge values, an Inf already there) from a
-  bad operation (``log(0)``, ``0 / 0``, an overflow in half precision). It lives in
-  :mod:`kiln.train.nonfinite`, where the trainer's non-finite policy uses the same mechanism,
-  and is re-exported here.
+* :class:`NonFiniteGuard` (from :mod:`kiln.train.nonfinite`, the mechanism the trainer's
+  non-finite policy uses too) stops at the first module whose forward output holds a NaN or
+  Inf; its :class:`NonFiniteReport` names the module, the step and what the module was given.
 * :func:`detect_anomaly` adds ``torch.autograd`` anomaly mode for the backward pass: the first
   backward function that returns a NaN raises, and :class:`AnomalyError` names it together with
   the line of the forward code that created it (anomaly mode records a traceback per

@@ -15,11 +15,10 @@ every step with :class:`NonFiniteGuard` (re-exported by :mod:`kiln.inspect`).
 Example:
     >>> import torch
     >>> from torch import nn
-    >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
-    >>> with torch.no_grad():
-    ...     _ = net[1].weight.fill_(float("inf"))
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+    >>> _ = nn.init.constant_(net[2].bias, float("nan"))
     >>> first_nonfinite_module(net, torch.ones(1, 2))
-    ('1', 'Linear')
+    ('2', 'Linear')
 """
 
 from __future__ import annotations
