@@ -73,11 +73,12 @@ class _Strict(BaseModel):
         return v
 
 
-def did_you_mean(word: object, choices: Sequence[str]) -> str:
+def did_you_mean(word: object, choices: Sequence[str], *, prefix: str = "") -> str:
     """``"did you mean 'x'? "`` for the closest of ``choices`` (:func:`suggest`), else ``""``.
 
     Every "unknown name" message in Kiln uses it the same way: after ``"; "`` and before the
-    list of allowed names, so the message reads the same with and without a hint.
+    list of allowed names, so the message reads the same with and without a hint. ``prefix``
+    goes before the suggested name (the section of a dotted key, e.g. ``"optim."``).
 
     Example:
         >>> names = ["mlp", "resnet"]
@@ -85,9 +86,11 @@ def did_you_mean(word: object, choices: Sequence[str]) -> str:
         "unknown model 'resnt'; did you mean 'resnet'? allowed: mlp, resnet"
         >>> did_you_mean("zzz", names)
         ''
+        >>> did_you_mean("lr_rate", ["lr", "momentum"], prefix="optim.")
+        "did you mean 'optim.lr'? "
     """
     hit = suggest(str(word), list(choices))
-    return f"did you mean {hit!r}? " if hit else ""
+    return f"did you mean {prefix + hit!r}? " if hit else ""
 
 
 def suggest(word: str, choices: Sequence[str]) -> str | None:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
-from kiln.config.base import did_you_mean, suggest
+from kiln.config.base import did_you_mean
 from kiln.errors import short_repr
 
 __all__ = ["format_error"]
@@ -61,10 +61,10 @@ def format_error(exc: ValidationError, root: type[BaseModel]) -> str:
             parent, key = loc[:-1], str(loc[-1])
             names = _field_names(root, parent)
             full = [".".join([*map(str, parent), n]) for n in names]
-            hint = suggest(key, names)
+            did = did_you_mean(key, names, prefix="".join(f"{p}." for p in parent))
             msg = f"unknown key {short_repr(path)}"
-            if hint:
-                msg += f"; did you mean {'.'.join([*map(str, parent), hint])!r}?"
+            if did:
+                msg += f"; {did.rstrip()}"
             elif full:
                 msg += f"; allowed here: {', '.join(full)}"
             lines.append(msg)
