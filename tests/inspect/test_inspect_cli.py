@@ -125,7 +125,7 @@ def test_grad_cam_on_a_model_without_convolutions_is_one_clear_error(tmp_path: P
         ([DIGITS], {"saliency": -1}, "--saliency must be"),
         (["nope/run"], {}, "no such run directory or config file: nope/run"),
         ([DIGITS, "inspect.anomly=true"], {}, "did you mean 'inspect.anomaly'?"),
-        ([DIGITS, "inspect.mode=test"], {}, "inspect.mode must be train or eval"),
+        ([DIGITS, "inspect.mode=test"], {}, "inspect.mode: Input should be 'train' or 'eval'"),
         (["seed=1"], {}, "give a RUN directory or a CONFIG.yaml first"),
     ],
 )

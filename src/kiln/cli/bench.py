@@ -21,8 +21,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
+import typer
+
+from kiln.cli.common import EXTRA_ARGS, RUN_OR_CONFIG, Debug, TrustCode
 from kiln.cli.profile import console, load_job, split_options
 
 if TYPE_CHECKING:  # torch stays unimported until the verb runs
@@ -36,6 +39,30 @@ _BENCH_OPTIONS: dict[str, tuple[type, Any]] = {
     "min_speedup": (float, 1.03),
     "compile_min_s": (float, 30.0),
 }
+
+
+def command(
+    args: Annotated[list[str], typer.Argument(help=RUN_OR_CONFIG, show_default=False)],
+    apply: Annotated[
+        bool, typer.Option("--apply", help="write the fastest config within accuracy tolerance")
+    ] = False,
+    repeats: Annotated[int, typer.Option(help="repeats per variant (median)")] = 3,
+    out: Annotated[str | None, typer.Option(help="folder for the table and JSON")] = None,
+    trust_code: TrustCode = False,
+    debug: Debug = False,
+) -> None:
+    """Technique ablation: time, memory and accuracy of one change at a time vs a baseline."""
+    from kiln.cli.errors import run_cli
+
+    run_cli(
+        lambda: run_bench(args, apply=apply, repeats=repeats, out=out, trust_code=trust_code),
+        debug=debug,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``kiln bench`` to ``app``."""
+    app.command("bench", context_settings=EXTRA_ARGS)(command)
 
 
 def run_bench(

@@ -22,11 +22,31 @@ from __future__ import annotations
 import itertools
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from kiln.cli.common import EXTRA_ARGS, RUN_OR_CONFIG, Debug, TrustCode
 
 if TYPE_CHECKING:  # torch stays unimported until the verb runs (fast `kiln --help`)
     from kiln.config import Config
     from kiln.doctor.findings import Finding
+
+
+def command(
+    args: Annotated[list[str], typer.Argument(help=RUN_OR_CONFIG, show_default=False)],
+    trust_code: TrustCode = False,
+    debug: Debug = False,
+) -> None:
+    """Find common training mistakes: what, where, why it matters, how to fix, measured cost."""
+    from kiln.cli.errors import run_cli
+
+    run_cli(lambda: run_doctor(args, trust_code=trust_code), debug=debug)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``kiln doctor`` to ``app``."""
+    app.command("doctor", context_settings=EXTRA_ARGS)(command)
 
 
 #: What ``kiln doctor SCRIPT.py`` answers: a script's loop is the user's own code, so it is

@@ -1,14 +1,35 @@
-"""``kiln env``: the facts a bug report needs."""
+"""``kiln env``: the facts a bug report needs.
+
+Torch and the package metadata are read inside the functions, so ``kiln --help`` stays fast.
+
+Example:
+    >>> print_env()                                                     # doctest: +SKIP
+"""
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import os
 import platform
 import sys
 
+import typer
+
+__all__ = ["collect", "command", "print_env", "register"]
+
+
+def command() -> None:
+    """Versions, threads and devices: what a bug report needs."""
+    print_env()
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``kiln env`` to ``app``."""
+    app.command("env")(command)
+
 
 def _version(pkg: str) -> str:
+    import importlib.metadata as md
+
     try:
         return md.version(pkg)
     except md.PackageNotFoundError:

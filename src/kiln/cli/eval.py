@@ -22,7 +22,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from kiln.cli.common import Debug, TrustCode
 
 if TYPE_CHECKING:
     from torch import nn
@@ -32,6 +36,52 @@ if TYPE_CHECKING:
     from kiln.train.engine import Engine
 
 _TOKEN_KEYS = ("tta",)
+
+
+def command(
+    runs: Annotated[
+        list[str],
+        typer.Argument(
+            help="run directories (several = an ensemble), optionally followed by tta=flip,shift",
+            show_default=False,
+        ),
+    ],
+    split: Annotated[str, typer.Option(help="test or val")] = "test",
+    checkpoint: Annotated[
+        str | None, typer.Option(help="evaluate this checkpoint (or 'last'/'best') instead")
+    ] = None,
+    tta: Annotated[
+        str | None, typer.Option(help="test-time augmentation: flip, shift, noise (comma list)")
+    ] = None,
+    vote: Annotated[
+        bool, typer.Option("--vote", help="ensemble by majority vote instead of mean probability")
+    ] = False,
+    snapshots: Annotated[
+        int | None, typer.Option(help="snapshot ensemble of the run's last N checkpoints")
+    ] = None,
+    trust_code: TrustCode = False,
+    debug: Debug = False,
+) -> None:
+    """Metrics of trained runs on the held-out split: one run, an ensemble, with or without TTA."""
+    from kiln.cli.errors import run_cli
+
+    run_cli(
+        lambda: run_eval(
+            runs,
+            split=split,
+            checkpoint=checkpoint,
+            tta=tta,
+            vote=vote,
+            snapshots=snapshots,
+            trust_code=trust_code,
+        ),
+        debug=debug,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``kiln eval`` to ``app``."""
+    app.command("eval")(command)
 
 
 def split_tokens(runs: Sequence[str], tta: str | None) -> tuple[list[str], str | None]:

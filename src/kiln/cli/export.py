@@ -16,15 +16,47 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from kiln.cli.common import Debug, TrustCode
 
 if TYPE_CHECKING:
     from kiln.deploy.export import ExportResult
 
-__all__ = ["run_export"]
+__all__ = ["command", "register", "run_export"]
 
 # kiln.deploy.export.FORMATS (without importing torch), plus the TorchServe archive.
 _FORMATS = ("torchscript", "exported", "onnx", "torchserve")
+
+
+def command(
+    runs: Annotated[list[str], typer.Argument(help="run directory (several = one ensemble model)")],
+    format: Annotated[
+        str, typer.Option("--format", help="torchscript, exported, onnx or torchserve")
+    ] = "exported",
+    fuse: Annotated[
+        bool, typer.Option("--fuse", help="fold conv-bn and linear chains first")
+    ] = False,
+    out: Annotated[
+        str | None, typer.Option(help="output folder (default: RUN/export/FORMAT)")
+    ] = None,
+    trust_code: TrustCode = False,
+    debug: Debug = False,
+) -> None:
+    """Export a trained run to TorchScript, torch.export (.pt2) or ONNX, with a parity check."""
+    from kiln.cli.errors import run_cli
+
+    run_cli(
+        lambda: run_export(runs, format=format, fuse=fuse, out=out, trust_code=trust_code),
+        debug=debug,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``kiln export`` to ``app``."""
+    app.command("export")(command)
 
 
 def _size(n: int) -> str:

@@ -22,7 +22,8 @@ Options that are not part of the job config, taken out of the arguments first:
 (Grad-CAM layer), ``inspect.mode=train|eval``, ``inspect.split=test|val|train``,
 ``inspect.batch=N``, ``inspect.samples=25`` and ``inspect.noise=0.15`` (SmoothGrad: copies and
 noise as a fraction of the input range), ``inspect.depth=N`` (summary rows),
-``inspect.bins=40``. Everything runs on the CPU in float32.
+``inspect.bins=40`` (:class:`kiln.cli.options.InspectOptions`). Everything runs on the CPU in
+float32.
 
 Torch is imported inside the functions, so ``kiln --help`` stays fast.
 
@@ -36,7 +37,11 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from kiln.cli.common import EXTRA_ARGS, RUN_OR_CONFIG, Debug, TrustCode
 
 if TYPE_CHECKING:
     import torch
@@ -47,75 +52,57 @@ if TYPE_CHECKING:
     from kiln.data.base import DataBundle
     from kiln.inspect.stats import StatsReport
 
-__all__ = ["run_inspect", "split_inspect_options"]
+__all__ = ["command", "register", "run_inspect", "split_inspect_options"]
 
-# option -> (type, default, help)
-_OPTIONS: dict[str, tuple[type, Any, str]] = {
-    "anomaly": (bool, False, "autograd anomaly mode for the backward pass"),
-    "layer": (str, None, "Grad-CAM layer (default: the last convolutional feature map)"),
-    "mode": (str, None, "train or eval (default: eval for a run, train for a config)"),
-    "split": (str, "test", "test, val or train"),
-    "batch": (int, None, "examples in the inspected batch (default: one eval batch)"),
-    "samples": (int, 25, "SmoothGrad: noisy copies per example"),
-    "noise": (float, 0.15, "SmoothGrad: noise std as a fraction of the input range"),
-    "depth": (int, None, "summary rows down to this module depth (default: all)"),
-    "bins": (int, 40, "histogram bins"),
-}
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
 _PER_PAGE = 8
 
 
-def _parse(key: str, text: str) -> Any:
-    if key not in _OPTIONS:
-        from kiln.config import suggest
+def command(
+    args: Annotated[list[str], typer.Argument(help=RUN_OR_CONFIG, show_default=False)],
+    saliency: Annotated[int, typer.Option(help="saliency maps for N test samples (0 = none)")] = 0,
+    method: Annotated[
+        str, typer.Option(help="saliency: gradient, grad_x_input, smoothgrad, gradcam")
+    ] = "gradient",
+    out: Annotated[str | None, typer.Option(help="folder for PNGs and JSON")] = None,
+    trust_code: TrustCode = False,
+    debug: Debug = False,
+) -> None:
+    """Model summary, activation/gradient statistics, histograms and saliency maps.
 
-        hint = suggest(key, list(_OPTIONS))
-        did = f"did you mean 'inspect.{hint}'? " if hint else ""
-        raise ValueError(
-            f"unknown option 'inspect.{key}'; {did}allowed: "
-            + ", ".join(f"inspect.{k}" for k in _OPTIONS)
-        )
-    kind = _OPTIONS[key][0]
-    if kind is bool:
-        if text.lower() in _TRUE | _FALSE:
-            return text.lower() in _TRUE
-        raise ValueError(f"inspect.{key}={text!r} must be true or false")
-    try:
-        value = kind(text)
-    except ValueError:
-        raise ValueError(f"inspect.{key}={text!r} is not a valid {kind.__name__}") from None
-    if kind is int and value < 1:
-        raise ValueError(f"inspect.{key} must be >= 1, got {value}")
-    if key == "noise" and value < 0:
-        raise ValueError(f"inspect.noise must be >= 0, got {value}")
-    if key == "mode" and value not in ("train", "eval"):
-        raise ValueError(f"inspect.mode must be train or eval, got {value!r}")
-    if key == "split" and value not in ("test", "val", "train"):
-        raise ValueError(f"inspect.split must be test, val or train, got {value!r}")
-    return value
+    Options as overrides: inspect.anomaly, inspect.layer, inspect.mode, inspect.split,
+    inspect.batch, inspect.samples, inspect.noise, inspect.depth, inspect.bins.
+    """
+    from kiln.cli.errors import run_cli
+
+    run_cli(
+        lambda: run_inspect(args, saliency=saliency, method=method, out=out, trust_code=trust_code),
+        debug=debug,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``kiln inspect`` to ``app``."""
+    app.command("inspect", context_settings=EXTRA_ARGS)(command)
 
 
 def split_inspect_options(args: Iterable[str]) -> tuple[dict[str, Any], list[str]]:
     """Take the ``inspect.<option>=value`` arguments out; return them (with defaults) and the rest.
 
+    The options are :class:`kiln.cli.options.InspectOptions`.
+
     Raises:
-        ValueError: an unknown option or a bad value; the message lists the options.
+        kiln.errors.UsageError: an unknown option or a bad value; the message names the option,
+            the allowed values and the closest option name.
 
     Example:
         >>> opts, rest = split_inspect_options(["c.yaml", "inspect.anomaly=true", "seed=1"])
         >>> opts["anomaly"], rest
         (True, ['c.yaml', 'seed=1'])
     """
-    opts = {k: v[1] for k, v in _OPTIONS.items()}
-    rest: list[str] = []
-    for arg in args:
-        if arg.startswith("inspect.") and "=" in arg:
-            key, text = arg[len("inspect.") :].split("=", 1)
-            opts[key.strip()] = _parse(key.strip(), text.strip())
-        else:
-            rest.append(arg)
-    return opts, rest
+    from kiln.cli.options import InspectOptions, parse_options, take_options
+
+    values, rest = take_options("inspect", args)
+    return parse_options(InspectOptions, "inspect", values).model_dump(), rest
 
 
 @dataclass

@@ -30,12 +30,43 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from kiln.cli.common import EXTRA_ARGS, RUN_OR_CONFIG, Debug, TrustCode
 
 if TYPE_CHECKING:  # torch stays unimported until the verb runs
     from kiln.perf.bottleneck import BottleneckReport
     from kiln.perf.measure import OpRow
     from kiln.perf.profile import ProfileResult
+
+
+def command(
+    args: Annotated[list[str], typer.Argument(help=RUN_OR_CONFIG, show_default=False)],
+    bottleneck: Annotated[
+        bool, typer.Option("--bottleneck", help="where the time goes: data/fwd/bwd/optim/syncs")
+    ] = False,
+    steps: Annotated[int, typer.Option(help="active profiled steps")] = 5,
+    out: Annotated[str | None, typer.Option(help="folder for the trace and tables")] = None,
+    trust_code: TrustCode = False,
+    debug: Debug = False,
+) -> None:
+    """torch.profiler over a few training steps: trace, top ops by time and memory."""
+    from kiln.cli.errors import run_cli
+
+    run_cli(
+        lambda: run_profile(
+            args, bottleneck=bottleneck, steps=steps, out=out, trust_code=trust_code
+        ),
+        debug=debug,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``kiln profile`` to ``app``."""
+    app.command("profile", context_settings=EXTRA_ARGS)(command)
+
 
 _PROFILE_OPTIONS: dict[str, tuple[type, Any]] = {
     "wait": (int, 1),

@@ -25,7 +25,55 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+import typer
+
+from kiln.cli.common import Debug, TrustCode
+
+__all__ = ["command", "register", "run_prune"]
+
+
+def command(
+    run: Annotated[str, typer.Argument(help="run directory (its model.safetensors)")],
+    amount: Annotated[float, typer.Option(help="fraction to remove, in [0, 1)")] = 0.5,
+    structured: Annotated[
+        bool, typer.Option("--structured", help="remove whole channels/neurons (smaller layers)")
+    ] = False,
+    iterative: Annotated[int, typer.Option(help="prune + fine-tune cycles")] = 1,
+    method: Annotated[str, typer.Option(help="l1 or random")] = "l1",
+    scope: Annotated[str, typer.Option(help="layer (per layer) or global magnitude")] = "layer",
+    finetune_epochs: Annotated[int, typer.Option(help="fine-tuning epochs per cycle")] = 1,
+    rewind: Annotated[
+        bool, typer.Option("--rewind", help="lottery ticket: rewind survivors to initial weights")
+    ] = False,
+    out: Annotated[str | None, typer.Option(help="output folder (default: RUN/pruned)")] = None,
+    trust_code: TrustCode = False,
+    debug: Debug = False,
+) -> None:
+    """Prune a trained run (unstructured or structured), fine-tune, report size/speed/accuracy."""
+    from kiln.cli.errors import run_cli
+
+    run_cli(
+        lambda: run_prune(
+            run,
+            amount=amount,
+            structured=structured,
+            iterative=iterative,
+            method=method,
+            scope=scope,
+            finetune_epochs=finetune_epochs,
+            rewind=rewind,
+            out=out,
+            trust_code=trust_code,
+        ),
+        debug=debug,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``kiln prune`` to ``app``."""
+    app.command("prune")(command)
 
 
 def _out_dir(run_dir: Path, out: str | None) -> Path:

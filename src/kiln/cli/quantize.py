@@ -21,7 +21,11 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from kiln.cli.common import Debug, TrustCode
 
 if TYPE_CHECKING:
     import torch
@@ -30,7 +34,41 @@ if TYPE_CHECKING:
     from kiln.config import Config
     from kiln.data.base import DataBundle
 
-__all__ = ["quiet_torch_ao_warnings", "run_quantize"]
+__all__ = ["command", "quiet_torch_ao_warnings", "register", "run_quantize"]
+
+
+def command(
+    run: Annotated[str, typer.Argument(help="run directory (its model.safetensors)")],
+    method: Annotated[
+        str, typer.Option(help="dynamic, static, qat, pt2e or onnx-int8")
+    ] = "dynamic",
+    calib_batches: Annotated[int, typer.Option(help="training batches for calibration")] = 32,
+    qat_epochs: Annotated[int, typer.Option(help="fine-tuning epochs for qat")] = 2,
+    out: Annotated[
+        str | None, typer.Option(help="output folder (default: RUN/quantized/METHOD)")
+    ] = None,
+    trust_code: TrustCode = False,
+    debug: Debug = False,
+) -> None:
+    """Quantize a trained run to int8 and print size, latency and accuracy against fp32."""
+    from kiln.cli.errors import run_cli
+
+    run_cli(
+        lambda: run_quantize(
+            run,
+            method=method,
+            calib_batches=calib_batches,
+            qat_epochs=qat_epochs,
+            out=out,
+            trust_code=trust_code,
+        ),
+        debug=debug,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``kiln quantize`` to ``app``."""
+    app.command("quantize")(command)
 
 
 def quiet_torch_ao_warnings() -> None:

@@ -25,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import ipaddress
-import logging
 import math
 import os
 import re
@@ -34,13 +33,100 @@ import subprocess
 import sys
 import threading
 from types import FrameType
+from typing import Annotated
 
+import typer
+
+from kiln.cli.common import Debug, TrustCode
 from kiln.cli.errors import EXIT_USAGE
 from kiln.errors import PortError, UsageError
 
-__all__ = ["check_host", "check_port", "run_serve"]
+__all__ = ["check_host", "check_port", "command", "register", "run_serve"]
 
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def command(
+    targets: Annotated[
+        list[str],
+        typer.Argument(
+            help="run directory (several = one ensemble), or an exported .pt2 / .onnx / "
+            "TorchScript .ts"
+        ),
+    ],
+    host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0 = any free port)")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="most requests per forward pass")] = 32,
+    max_delay_ms: Annotated[
+        float, typer.Option(help="longest wait for a fuller batch (0 = take what is queued)")
+    ] = 0.0,
+    queue_size: Annotated[int, typer.Option(help="bounded queue; 503 when full")] = 1024,
+    timeout_s: Annotated[float, typer.Option(help="per-request timeout")] = 10.0,
+    workers: Annotated[int, typer.Option(help="server processes sharing the port")] = 1,
+    tta: Annotated[
+        str | None, typer.Option(help="test-time augmentation: flip, vflip, shift, noise")
+    ] = None,
+    compile: Annotated[bool, typer.Option(help="torch.compile the eager model")] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="torch intra-op threads per process (1 suits small models on busy hosts)"
+        ),
+    ] = None,
+    batcher: Annotated[
+        str, typer.Option(help="loop (batches on the event loop; default) or thread")
+    ] = "loop",
+    max_body_mb: Annotated[
+        float, typer.Option(help="largest request body in MiB (413 beyond)")
+    ] = 1.0,
+    max_connections: Annotated[
+        int, typer.Option(help="open connections at most (the oldest idle one is closed)")
+    ] = 1024,
+    header_timeout_s: Annotated[
+        float, typer.Option(help="time to send a request's headers (408 after)")
+    ] = 10.0,
+    body_timeout_s: Annotated[
+        float, typer.Option(help="time to send a request's body after its headers (408 after)")
+    ] = 30.0,
+    idle_timeout_s: Annotated[
+        float, typer.Option(help="an idle keep-alive connection is closed after this")
+    ] = 30.0,
+    reuse_port: Annotated[bool, typer.Option(hidden=True)] = False,
+    trust_code: TrustCode = False,
+    debug: Debug = False,
+) -> None:
+    """Serve a trained run over HTTP with dynamic batching (/predict, /health, /ready, /metrics)."""
+    from kiln.cli.errors import run_cli
+
+    run_cli(
+        lambda: run_serve(
+            targets,
+            host=host,
+            port=port,
+            max_batch=max_batch,
+            max_delay_ms=max_delay_ms,
+            queue_size=queue_size,
+            timeout_s=timeout_s,
+            workers=workers,
+            tta=tta,
+            compile=compile,
+            reuse_port=reuse_port,
+            threads=threads,
+            batcher=batcher,
+            max_body_mb=max_body_mb,
+            max_connections=max_connections,
+            header_timeout_s=header_timeout_s,
+            body_timeout_s=body_timeout_s,
+            idle_timeout_s=idle_timeout_s,
+            trust_code=trust_code,
+        ),
+        debug=debug,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``kiln serve`` to ``app``."""
+    app.command("serve")(command)
 
 
 def check_port(port: int) -> None:
@@ -200,6 +286,8 @@ def run_serve(
             ],
         )
         return
+    import logging
+
     import torch
 
     from kiln.deploy.serve.server import Limits, ModelServer, load_backend

@@ -1,9 +1,48 @@
-"""``kiln train CONFIG [key.sub=value ...]``."""
+"""``kiln train CONFIG [key.sub=value ...]``: the command, and the run it starts.
+
+Torch is imported inside the functions, so ``kiln --help`` stays fast.
+
+Example:
+    >>> split_args(["configs/digits.yaml", "optim.lr=0.1"])
+    ('configs/digits.yaml', ['optim.lr=0.1'])
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kiln.cli.common import Debug, TrustCode
+
+__all__ = ["command", "register", "run_train", "split_args"]
+
+
+def command(
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(help="CONFIG.yaml then key.sub=value overrides", show_default=False),
+    ] = None,
+    print_config: Annotated[
+        bool, typer.Option("--print-config", help="print the resolved config and exit")
+    ] = False,
+    trust_code: TrustCode = False,
+    debug: Debug = False,
+) -> None:
+    """Train a model from a YAML config plus key.sub=value overrides."""
+    from kiln.cli.errors import run_cli
+
+    run_cli(
+        lambda: run_train(args or [], print_config=print_config, trust_code=trust_code),
+        debug=debug,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``kiln train`` to ``app``."""
+    app.command("train")(command)
 
 
 def split_args(args: list[str]) -> tuple[str | None, list[str]]:

@@ -6,7 +6,9 @@ config. The finder options are not part of the job config, so they are taken out
 arguments before the config is loaded:
 
 * lr: ``tune.steps=100``, ``tune.start_lr=1e-7``, ``tune.end_lr=10``, ``tune.smoothing=0.98``;
-* batch: ``tune.mode=power|binary``, ``tune.budget_mb=2048``, ``tune.max_batch=4096``.
+* batch: ``tune.mode=power|binary``, ``tune.budget_mb=2048``, ``tune.max_batch=4096``
+
+(:class:`kiln.cli.options.LrFindOptions`, :class:`kiln.cli.options.BatchFindOptions`).
 
 After a ``--`` separator the same options are also accepted as ``--steps 100`` or
 ``--budget-mb=2048`` (before it, the command line parser would reject them).
@@ -21,7 +23,12 @@ import json
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from kiln.cli.common import EXTRA_ARGS, Debug
+from kiln.errors import UsageError
 
 if TYPE_CHECKING:  # torch stays unimported until a verb runs (fast `kiln --help`)
     import torch
@@ -29,65 +36,83 @@ if TYPE_CHECKING:  # torch stays unimported until a verb runs (fast `kiln --help
     from kiln.config import Config
     from kiln.train.engine import Engine
 
-# option -> (type, verb it applies to, default)
-_OPTIONS: dict[str, tuple[type, str, Any]] = {
-    "steps": (int, "lr", 100),
-    "start_lr": (float, "lr", 1e-7),
-    "end_lr": (float, "lr", 10.0),
-    "smoothing": (float, "lr", 0.98),
-    "mode": (str, "batch", "power"),
-    "budget_mb": (float, "batch", None),
-    "max_batch": (int, "batch", None),
-}
+__all__ = ["command", "register", "run_tune", "split_tune_options"]
 
 
-def _option(name: str, text: str, what: str) -> tuple[str, Any]:
-    key = name.replace("-", "_")
-    if key not in _OPTIONS:
-        raise ValueError(
-            f"unknown tune option {name!r}; allowed: "
-            + ", ".join(f"tune.{k} ({v[1]})" for k, v in _OPTIONS.items())
-        )
-    kind, verb, _ = _OPTIONS[key]
-    if verb != what:
-        raise ValueError(f"tune.{key} applies to 'kiln tune {verb}', not 'kiln tune {what}'")
-    try:
-        value = kind(text)
-    except ValueError:
-        raise ValueError(f"tune.{key}={text!r} is not a valid {kind.__name__}") from None
-    return key, value
+def command(
+    what: Annotated[
+        str, typer.Argument(help="lr (learning-rate range test) or batch (batch size)")
+    ],
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(help="CONFIG.yaml then key.sub=value overrides", show_default=False),
+    ] = None,
+    debug: Debug = False,
+) -> None:
+    """Find a learning rate (range test, plot) or the largest batch size that fits.
 
-
-def split_tune_options(what: str, args: list[str]) -> tuple[dict[str, Any], list[str]]:
-    """Take the finder options out of ``args``; return them (with defaults) and the rest.
-
-    Example:
-        >>> split_tune_options("lr", ["c.yaml", "tune.steps=50", "optim.lr=1"])[0]["steps"]
-        50
+    Finder options: tune.steps, tune.start_lr, tune.end_lr, tune.smoothing (lr);
+    tune.mode=power|binary, tune.budget_mb, tune.max_batch (batch).
     """
-    opts = {k: v[2] for k, v in _OPTIONS.items() if v[1] == what}
+    from kiln.cli.errors import run_cli
+
+    run_cli(lambda: run_tune(what, args or []), debug=debug)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``kiln tune`` to ``app``."""
+    app.command("tune", context_settings=EXTRA_ARGS)(command)
+
+
+def _take(args: list[str]) -> tuple[dict[str, str], list[str]]:
+    """The ``tune.<name>=value``, ``--name value`` and ``--name=value`` words, and the rest."""
+    values: dict[str, str] = {}
     rest: list[str] = []
     i = 0
     while i < len(args):
         arg = args[i]
         if arg.startswith("tune.") and "=" in arg:
             name, text = arg[len("tune.") :].split("=", 1)
-            key, value = _option(name, text, what)
         elif arg.startswith("--") and len(arg) > 2:
             name, eq, text = arg[2:].partition("=")
             if not eq:
                 if i + 1 >= len(args):
-                    raise ValueError(f"{arg} needs a value, e.g. {arg} 100")
+                    raise UsageError(f"{arg} needs a value, e.g. {arg} 100")
                 i += 1
                 text = args[i]
-            key, value = _option(name, text, what)
         else:
             rest.append(arg)
             i += 1
             continue
-        opts[key] = value
+        values[name.strip().replace("-", "_")] = text.strip()
         i += 1
-    return opts, rest
+    return values, rest
+
+
+def split_tune_options(what: str, args: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """Take the finder options out of ``args``; return them (with defaults) and the rest.
+
+    The options are :class:`kiln.cli.options.LrFindOptions` for ``lr`` and
+    :class:`kiln.cli.options.BatchFindOptions` for ``batch``.
+
+    Raises:
+        kiln.errors.UsageError: an unknown option, one of the other finder, or a bad value;
+            the message names the option, the allowed values and the closest option name.
+
+    Example:
+        >>> split_tune_options("lr", ["c.yaml", "tune.steps=50", "optim.lr=1"])[0]["steps"]
+        50
+    """
+    from kiln.cli.options import BatchFindOptions, LrFindOptions, parse_options
+
+    values, rest = _take(args)
+    finders = {"lr": LrFindOptions, "batch": BatchFindOptions}
+    model = finders[what]
+    for key in values:
+        other = next((v for v, m in finders.items() if v != what and key in m.model_fields), None)
+        if key not in model.model_fields and other is not None:
+            raise UsageError(f"tune.{key} applies to 'kiln tune {other}', not 'kiln tune {what}'")
+    return parse_options(model, "tune", values).model_dump(), rest
 
 
 def run_tune(what: str, args: list[str]) -> None:
@@ -203,12 +228,6 @@ def _tune_batch(
 
     from kiln.algorithms.finders import batch_find
 
-    if opts["mode"] not in ("power", "binary"):
-        raise ValueError(f"tune.mode={opts['mode']!r}; allowed: power, binary")
-    if opts["max_batch"] is not None and opts["max_batch"] < 1:
-        raise ValueError(f"tune.max_batch={opts['max_batch']} must be >= 1")
-    if opts["budget_mb"] is not None and not opts["budget_mb"] > 0:
-        raise ValueError(f"tune.budget_mb={opts['budget_mb']} must be > 0 (MiB)")
     budget = None if opts["budget_mb"] is None else int(opts["budget_mb"] * 2**20)
     # Training-mode BatchNorm1d cannot normalise a single sample: start such models at 2.
     norms = nn.modules.batchnorm._BatchNorm
