@@ -295,8 +295,8 @@ def build_csv(cfg: DataConfig, *, seed: int) -> DataBundle:
     target = cfg.target or ""
     if target not in header:
         raise DataError(
-            f"target column {target!r} is not in {path} (set data.target); "
-            f"{did_you_mean(target, header)}columns: {', '.join(header)}"
+            f"target column {target!r} is not in {path}; {did_you_mean(target, header)}"
+            f"columns: {', '.join(header)} (set data.target)"
         )
     split_sizes(
         len(rows),
