@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from pydantic import Field, ValidationError, field_validator
 
-from kiln.config.base import _Strict, check_numbers, suggest
+from kiln.config.base import _Strict, check_numbers, did_you_mean
 from kiln.errors import UsageError, short_repr
 
 __all__ = [
@@ -152,10 +152,9 @@ def _problem(err: Any, model: type[VerbOptions], prefix: str) -> str:
     path = f"{prefix}.{key}" if key else prefix
     value = err.get("input")
     if err["type"] == "extra_forbidden":
-        hint = suggest(key[:200], names)
-        did = f"; did you mean '{prefix}.{hint}'?" if hint else ""
+        did = did_you_mean(key[:200], names, prefix=f"{prefix}.")
         allowed = ", ".join(f"{prefix}.{n}" for n in names)
-        return f"unknown {prefix} option {short_repr(key)}{did} (allowed: {allowed})"
+        return f"unknown {prefix} option {short_repr(key)}; {did}allowed: {allowed}"
     if isinstance(value, str) and err["type"] in _PARSED:
         return f"{path}={short_repr(value)} is not a valid {_PARSED[err['type']]}"
     if isinstance(value, str) and err["type"] == "bool_parsing":
@@ -167,10 +166,7 @@ def _problem(err: Any, model: type[VerbOptions], prefix: str) -> str:
     text = f"{path}: {why} (got {shown})"
     choices = _choices(model, key)
     if choices:
-        text += f"; allowed: {', '.join(choices)}"
-        hint = suggest(str(value)[:200], choices)
-        if hint:
-            text += f"; did you mean {hint!r}?"
+        text += f"; {did_you_mean(str(value)[:200], choices)}allowed: {', '.join(choices)}"
     return text
 
 
