@@ -26,19 +26,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from kiln.cli.common import EXTRA_ARGS, RUN_OR_CONFIG, Debug, TrustCode
-from kiln.cli.profile import console, load_job, split_options
+from kiln.cli.profile import console, load_job
 
 if TYPE_CHECKING:  # torch stays unimported until the verb runs
     from kiln.perf.bench import BenchResult, BenchRow
-
-_BENCH_OPTIONS: dict[str, tuple[type, Any]] = {
-    "steps": (int, 60),
-    "warmup": (int, 3),
-    "variants": (str, None),
-    "tolerance": (float, 0.01),
-    "min_speedup": (float, 1.03),
-    "compile_min_s": (float, 30.0),
-}
 
 
 def command(
@@ -92,11 +83,14 @@ def run_bench(
     """
     # Kineto's start/stop lines on stderr (one pair per memory profile) would bury the table.
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    from kiln.cli.options import BenchCliOptions, parse_options, take_options
     from kiln.config import dump_config, load_config
     from kiln.perf.bench import BenchOptions, ablate
 
-    opts, rest = split_options("bench", args, _BENCH_OPTIONS)
-    names = opts.pop("variants")
+    values, rest = take_options("bench", args)
+    # Only the options given: BenchOptions holds the defaults.
+    opts = parse_options(BenchCliOptions, "bench", values).model_dump(exclude_unset=True)
+    names = opts.pop("variants", None)
     variants = tuple(n.strip() for n in names.split(",") if n.strip()) if names else None
     options = BenchOptions(repeats=repeats, variants=variants, **opts)
     cfg, path, overrides = load_job(rest, trust_code=trust_code)

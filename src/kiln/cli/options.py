@@ -4,7 +4,8 @@ Some verbs take options that are not part of the job config (the finder's range 
 lr``, the Grad-CAM layer for ``kiln inspect``) and too many to be flags. They are words of the
 form ``<verb>.<name>=value`` mixed with the ``key.sub=value`` overrides: :func:`take_options`
 takes them out, and a pydantic model per verb (:class:`InspectOptions`, :class:`LrFindOptions`,
-:class:`BatchFindOptions`) holds their types, bounds, defaults and help, as
+:class:`BatchFindOptions`, :class:`ProfileOptions`, :class:`BenchCliOptions`) holds their
+types, bounds, defaults and help, as
 :mod:`kiln.config` does for the job. A bad one is a :class:`kiln.errors.UsageError` (exit 2)
 naming the option, the value, the allowed values and the closest name.
 
@@ -28,8 +29,10 @@ from kiln.errors import UsageError, short_repr
 
 __all__ = [
     "BatchFindOptions",
+    "BenchCliOptions",
     "InspectOptions",
     "LrFindOptions",
+    "ProfileOptions",
     "VerbOptions",
     "parse_options",
     "take_options",
@@ -88,6 +91,37 @@ class BatchFindOptions(VerbOptions):
     )
     budget_mb: float | None = Field(None, gt=0, description="memory budget in MiB")
     max_batch: int | None = Field(None, ge=1, description="largest batch size tried")
+
+
+class ProfileOptions(VerbOptions):
+    """``kiln profile`` options, as ``profile.<name>=value``.
+
+    The schedule's bounds are :class:`kiln.perf.profile.Schedule`'s.
+    """
+
+    wait: int = Field(1, description="updates before the profiler's warm-up")
+    warmup: int | None = Field(
+        None, description="warm-up updates (default: 1; with --bottleneck, 3 unmeasured)"
+    )
+    repeat: int = Field(1, description="profiling cycles")
+    rows: int = Field(10, ge=1, description="rows per table")
+
+
+class BenchCliOptions(VerbOptions):
+    """``kiln bench`` options, as ``bench.<name>=value``.
+
+    Only their types: the defaults and bounds are :class:`kiln.perf.bench.BenchOptions`'s, which
+    gets the options given (``model_dump(exclude_unset=True)``).
+    """
+
+    steps: int | None = Field(None, description="the budget, in updates of the baseline")
+    warmup: int | None = Field(None, description="updates left out of the step time")
+    variants: str | None = Field(None, description="comma list of variants (default: all)")
+    tolerance: float | None = Field(None, description="accuracy drop allowed for --apply")
+    min_speedup: float | None = Field(None, description="throughput ratio a variant needs")
+    compile_min_s: float | None = Field(
+        None, description="skip compile when the baseline trains faster than this"
+    )
 
 
 def take_options(prefix: str, args: Iterable[str]) -> tuple[dict[str, str], list[str]]:

@@ -12,7 +12,8 @@ ops (:func:`kiln.perf.bottleneck.find_bottleneck`). Writes ``bottleneck.json`` a
 
 Options, taken out of the arguments before the config is loaded: ``profile.wait=1``,
 ``profile.warmup=1``, ``profile.repeat=1`` (the schedule, with ``--steps`` active updates),
-``profile.rows=10`` (rows per table); with ``--bottleneck``, ``profile.warmup`` is the number
+``profile.rows=10`` (rows per table; :class:`kiln.cli.options.ProfileOptions`); with
+``--bottleneck``, ``profile.warmup`` is the number
 of unmeasured updates before the timed ones (default 3).
 
 Both add a note when torch's intra-op threads outnumber the cores the host's load leaves free
@@ -66,55 +67,6 @@ def command(
 def register(app: typer.Typer) -> None:
     """Add ``kiln profile`` to ``app``."""
     app.command("profile", context_settings=EXTRA_ARGS)(command)
-
-
-_PROFILE_OPTIONS: dict[str, tuple[type, Any]] = {
-    "wait": (int, 1),
-    "warmup": (int, None),  # 1 for the profiler schedule, 3 for --bottleneck
-    "repeat": (int, 1),
-    "rows": (int, 10),
-}
-
-
-def split_options(
-    prefix: str, args: Sequence[str], spec: dict[str, tuple[type, Any]]
-) -> tuple[dict[str, Any], list[str]]:
-    """Take ``<prefix>.<name>=value`` options out of ``args``; return them and the rest.
-
-    Args:
-        prefix: ``profile`` or ``bench``.
-        args: the command line after the verb.
-        spec: option name -> (type, default).
-
-    Raises:
-        ValueError: an unknown option or a value of the wrong type.
-
-    Example:
-        >>> split_options("profile", ["c.yaml", "profile.rows=5", "optim.lr=1"], _PROFILE_OPTIONS)
-        ({'wait': 1, 'warmup': None, 'repeat': 1, 'rows': 5}, ['c.yaml', 'optim.lr=1'])
-    """
-    opts = {k: default for k, (_, default) in spec.items()}
-    rest: list[str] = []
-    for arg in args:
-        if not (arg.startswith(prefix + ".") and "=" in arg):
-            rest.append(arg)
-            continue
-        name, text = arg[len(prefix) + 1 :].split("=", 1)
-        if name not in spec:
-            from kiln.config import suggest
-
-            hint = suggest(name, list(spec))
-            raise ValueError(
-                f"unknown option {prefix}.{name}; allowed: "
-                + ", ".join(f"{prefix}.{k}" for k in spec)
-                + (f"; did you mean {prefix}.{hint}?" if hint else "")
-            )
-        kind = spec[name][0]
-        try:
-            opts[name] = kind(text)
-        except ValueError:
-            raise ValueError(f"{prefix}.{name}={text!r} is not a valid {kind.__name__}") from None
-    return opts, rest
 
 
 def load_job(args: Sequence[str], *, trust_code: bool = False) -> tuple[Any, str | None, list[str]]:
@@ -190,11 +142,12 @@ def run_profile(
     """
     # Kineto's start/stop lines on stderr would bury the tables; set before the first profile.
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
-    opts, rest = split_options("profile", args, _PROFILE_OPTIONS)
+    from kiln.cli.options import ProfileOptions, parse_options, take_options
+
+    values, rest = take_options("profile", args)
+    opts = parse_options(ProfileOptions, "profile", values).model_dump()
     if steps < 1:
         raise ValueError(f"--steps must be >= 1 update, got {steps}")
-    if opts["rows"] < 1:
-        raise ValueError(f"profile.rows must be >= 1, got {opts['rows']}")
     cfg, _, _ = load_job(rest, trust_code=trust_code)
     folder = _output(cfg, out, "profile")
     if bottleneck:
