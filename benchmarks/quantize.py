@@ -167,7 +167,7 @@ def load_case(case: str, folder: Path) -> tuple[Any, dict[str, Any]]:
         model = build_mlp4k()
         st_load(model, str(folder / "model.safetensors"))
     else:
-        from kiln.train.weights import load_model
+        from kiln.train.checkpoint.weights import load_model
 
         model = load_model(blob["run_dir"])
     return model.eval(), blob

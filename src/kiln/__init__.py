@@ -27,7 +27,7 @@ _EXPORTS = {
     "TrainingInterrupted": "kiln.train.trainer",
     "evaluate": "kiln.train.trainer",
     "fit": "kiln.api",
-    "load_model": "kiln.train.weights",
+    "load_model": "kiln.train.checkpoint.weights",
     "build_optimizer": "kiln.train.optim",
     "build_scheduler": "kiln.train.optim",
     "seed_everything": "kiln.train.reproducibility",
@@ -65,12 +65,12 @@ if TYPE_CHECKING:
     from kiln.data import build_data
     from kiln.data.base import DataBundle, DataInfo
     from kiln.registry import build_model
+    from kiln.train.checkpoint.weights import load_model
     from kiln.train.engine import Engine
     from kiln.train.optim import build_optimizer, build_scheduler
     from kiln.train.precision import Precision
     from kiln.train.reproducibility import seed_everything
     from kiln.train.trainer import FitResult, Trainer, TrainingInterrupted, evaluate
-    from kiln.train.weights import load_model
 
 
 def __getattr__(name: str) -> Any:

@@ -24,8 +24,8 @@ from kiln.config import load_config
 from kiln.data.base import DataBundle, DataInfo
 from kiln.train.build import build_data_for
 from kiln.train.checkpoint import load_checkpoint, resolve_checkpoint
+from kiln.train.checkpoint.weights import load_model
 from kiln.train.trainer import Trainer
-from kiln.train.weights import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -24,8 +24,8 @@ from kiln.compress.prune.core import (
 from kiln.compress.prune.run import initial_state, kiln_metadata, recalibrate_bn, trainer_finetune
 from kiln.config import Config
 from kiln.train.build import build_data_for
+from kiln.train.checkpoint.weights import load_model
 from kiln.train.trainer import Trainer
-from kiln.train.weights import load_model
 
 
 def _net() -> nn.Module:

@@ -18,8 +18,8 @@ from kiln.compress.report import CompressedModel, file_size, score
 from kiln.config import Config, load_config
 from kiln.data.base import DataBundle
 from kiln.train.build import build_data_for, loader_for
+from kiln.train.checkpoint.weights import WEIGHTS, load_model
 from kiln.train.trainer import Trainer
-from kiln.train.weights import WEIGHTS, load_model
 
 QUIET = ["log.tensorboard=false", "log.progress=false"]
 CPU = torch.device("cpu")

@@ -23,8 +23,8 @@ from kiln.compress.report import score
 from kiln.config import load_config
 from kiln.deploy.onnx import export_onnx, onnx_predict, onnx_session
 from kiln.train.build import build_data_for, loader_for
+from kiln.train.checkpoint.weights import load_model
 from kiln.train.trainer import Trainer
-from kiln.train.weights import load_model
 
 CPU = torch.device("cpu")
 

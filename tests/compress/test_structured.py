@@ -27,8 +27,8 @@ from kiln.config import load_config
 from kiln.models.mlp import MLP
 from kiln.models.resnet import ResNet
 from kiln.train.build import build_data_for
+from kiln.train.checkpoint.weights import load_model
 from kiln.train.trainer import Trainer
-from kiln.train.weights import load_model
 
 QUIET = ["log.tensorboard=false", "log.progress=false", "checkpoint.every_epoch=false"]
 

@@ -19,7 +19,7 @@ from training import train_digits_mlp
 
 from helpers.serving import Server
 from kiln.deploy.serve.server import RequestError, load_backend, parse_inputs
-from kiln.train.weights import load_model
+from kiln.train.checkpoint.weights import load_model
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from training import train_digits_mlp
 from kiln.algorithms.ensemble import load_ensemble
 from kiln.algorithms.tta import TTA
 from kiln.deploy.serve.server import load_backend
-from kiln.train.weights import load_model
+from kiln.train.checkpoint.weights import load_model
 
 
 def _train(tmp: Path, seed: int) -> Path:

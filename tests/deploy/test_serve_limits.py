@@ -22,7 +22,7 @@ from runners import kiln_env
 from training import train_digits_mlp
 
 from helpers.serving import Server
-from kiln.train.weights import load_model
+from kiln.train.checkpoint.weights import load_model
 
 pytestmark = pytest.mark.slow
 

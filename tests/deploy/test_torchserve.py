@@ -27,7 +27,7 @@ from kiln.deploy.torchserve.archive import (
 )
 from kiln.deploy.torchserve.process import config_properties, free_ports, launch_torchserve
 from kiln.train.build import read_data_info
-from kiln.train.weights import load_model
+from kiln.train.checkpoint.weights import load_model
 
 TOL = 1e-5
 

@@ -42,7 +42,7 @@ def _args(tmp: Path, name: str, *more: str) -> list[str]:
 
 
 def _last_weights(run: Path) -> dict[str, torch.Tensor]:
-    from kiln.train.weights import consolidate_checkpoint
+    from kiln.train.checkpoint.weights import consolidate_checkpoint
 
     return consolidate_checkpoint(resolve_checkpoint(run))
 

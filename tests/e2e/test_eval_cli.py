@@ -16,8 +16,8 @@ from kiln.cli.eval import run_eval
 from kiln.config import load_config
 from kiln.train.build import build_data_for
 from kiln.train.checkpoint import load_checkpoint
+from kiln.train.checkpoint.weights import load_model
 from kiln.train.trainer import Trainer
-from kiln.train.weights import load_model
 
 QUIET = ["log.tensorboard=false", "log.progress=false"]
 

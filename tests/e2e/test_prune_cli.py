@@ -14,8 +14,8 @@ from kiln.cli.prune import run_prune
 from kiln.compress.prune.core import load_pruned
 from kiln.config import load_config
 from kiln.train.build import build_data_for
+from kiln.train.checkpoint.weights import load_model
 from kiln.train.trainer import Trainer
-from kiln.train.weights import load_model
 
 QUIET = ["log.tensorboard=false", "log.progress=false", "checkpoint.every_epoch=false"]
 

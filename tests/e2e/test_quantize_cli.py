@@ -11,8 +11,8 @@ from runners import ROOT, run_kiln
 
 from kiln.compress.quantize.core import load_quantized
 from kiln.config import load_config
+from kiln.train.checkpoint.weights import load_model
 from kiln.train.trainer import Trainer
-from kiln.train.weights import load_model
 
 
 @pytest.fixture(scope="module")

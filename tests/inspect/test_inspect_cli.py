@@ -13,8 +13,8 @@ from kiln.cli.errors import run_cli
 from kiln.cli.inspect import run_inspect, split_inspect_options
 from kiln.config import load_config
 from kiln.models.summary import count_parameters
+from kiln.train.checkpoint.weights import load_model
 from kiln.train.trainer import Trainer
-from kiln.train.weights import load_model
 
 DIGITS = str(ROOT / "configs" / "digits.yaml")
 SMALL = ["model.kwargs.depths=[1]", "model.kwargs.width=4", "data.eval_batch_size=32"]

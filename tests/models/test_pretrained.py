@@ -15,7 +15,7 @@ from kiln.config import Config
 from kiln.data.base import DataInfo
 from kiln.models import GPT, ResNet
 from kiln.models.pretrained import LoadReport, load_pretrained, read_state_dict
-from kiln.train.weights import save_weights
+from kiln.train.checkpoint.weights import save_weights
 
 
 class Backbone(nn.Module):

@@ -15,13 +15,14 @@ import pytest
 import torch
 
 from kiln.errors import DiskError
-from kiln.train import checkpoint as ckpt_mod
 from kiln.train.checkpoint import (
+    RESUME_KEYS,
     CheckpointError,
     CheckpointManager,
     load_checkpoint,
     resolve_checkpoint,
 )
+from kiln.train.checkpoint import files as ckpt_mod
 
 TORCH_FULL = (
     "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
@@ -154,7 +155,7 @@ def test_disk_full_during_training_is_one_line_and_resumable(
     monkeypatch.undo()
     folder = tmp_path / "digits_mlp" / "checkpoints"
     assert not [p for p in folder.iterdir() if ".tmp-" in p.name]
-    saved = load_checkpoint(resolve_checkpoint(folder.parent), require=ckpt_mod.RESUME_KEYS)
+    saved = load_checkpoint(resolve_checkpoint(folder.parent), require=RESUME_KEYS)
     assert saved["loop"]["epoch"] >= 0
 
 
@@ -166,7 +167,7 @@ def test_disk_full_writing_model_safetensors_is_one_disk_error(
 
     from kiln.config import load_config
     from kiln.data.base import DataInfo
-    from kiln.train.weights import save_weights
+    from kiln.train.checkpoint.weights import save_weights
 
     def full(model, filename, metadata=None, **kwargs):
         Path(filename).write_bytes(b"partial")

@@ -385,7 +385,7 @@ def test_load_sharded_never_hands_dcp_unchecked_metadata(tmp_path: Path) -> None
     """The trainer's own DCP load (past any checkpoint-file check) reads metadata safely too."""
     import torch.distributed.checkpoint as dcp
 
-    from kiln.train import state
+    from kiln.train.checkpoint import state
 
     net = torch.nn.Linear(3, 2)
     folder = tmp_path / "step-1.dcp"

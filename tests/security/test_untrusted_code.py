@@ -175,7 +175,7 @@ def test_load_model_refuses_a_target_in_the_metadata(trained: Path, work: Path, 
 
 def test_python_loaders_refuse_a_target(trained: Path, work: Path) -> None:
     from kiln.algorithms.ensemble import load_ensemble, load_snapshots
-    from kiln.train.weights import consolidate_checkpoint
+    from kiln.train.checkpoint.weights import consolidate_checkpoint
 
     run, marker = _copy(trained, work), work / "MARKER"
     forge_weights(run / "model.safetensors", SYSTEM, marker)

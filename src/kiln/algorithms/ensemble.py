@@ -305,7 +305,7 @@ def load_ensemble(
         >>> ens = load_ensemble(["runs/a", "runs/b", "runs/c"])   # doctest: +SKIP
         >>> ens(x).argmax(-1)                                      # doctest: +SKIP
     """
-    from kiln.train.weights import load_model
+    from kiln.train.checkpoint.weights import load_model
 
     if not runs:
         raise ValueError("load_ensemble needs at least one run directory")
@@ -361,7 +361,7 @@ def load_snapshots(
     """
     from kiln.config import load_config
     from kiln.train.build import build_model_for
-    from kiln.train.weights import consolidate_checkpoint
+    from kiln.train.checkpoint.weights import consolidate_checkpoint
     from kiln.trust import refuse_file_target
 
     run_dir = run_dir_of(run)

@@ -251,7 +251,7 @@ def _eval_single(
 ) -> dict[str, Any]:
     from kiln.train import build
     from kiln.train.checkpoint import resolve_checkpoint
-    from kiln.train.weights import consolidate_checkpoint, load_model
+    from kiln.train.checkpoint.weights import consolidate_checkpoint, load_model
     from kiln.trust import refuse_file_target
 
     s = _Setup(run_dir, split)

@@ -127,7 +127,7 @@ def _open(path: str, overrides: list[str], out: str | None, trust_code: bool = F
         raise FileNotFoundError(f"no such run directory or config file: {p}")
     if p.is_dir() or p.suffix == ".safetensors":
         from kiln.algorithms.ensemble import run_dir_of
-        from kiln.train.weights import WEIGHTS, load_model
+        from kiln.train.checkpoint.weights import WEIGHTS, load_model
 
         run_dir = run_dir_of(p)
         fixed = [o for o in overrides if o.split("=", 1)[0].strip().startswith("model")]

@@ -150,7 +150,7 @@ def run_prune(
     from kiln.compress.report import measure, table
     from kiln.config import load_config
     from kiln.train import build
-    from kiln.train.weights import WEIGHTS, load_model
+    from kiln.train.checkpoint.weights import WEIGHTS, load_model
 
     run_dir = run_dir_of(run)
     weights = run_dir / WEIGHTS

@@ -140,7 +140,7 @@ def _open(run: str, trust_code: bool = False) -> _Job:
     from kiln.algorithms.ensemble import run_dir_of
     from kiln.config import load_config
     from kiln.train.build import build_data_for, loader_for
-    from kiln.train.weights import WEIGHTS, load_model
+    from kiln.train.checkpoint.weights import WEIGHTS, load_model
 
     run_dir = run_dir_of(run)
     cfg = load_config(run_dir / "config.yaml")

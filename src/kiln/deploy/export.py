@@ -448,7 +448,7 @@ def export_runs(
         FileNotFoundError: a run directory is incomplete.
     """
     from kiln.algorithms.ensemble import load_ensemble, run_dir_of
-    from kiln.train.weights import load_model
+    from kiln.train.checkpoint.weights import load_model
 
     check_format(format)
     if not runs:

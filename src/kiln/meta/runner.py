@@ -47,11 +47,11 @@ from kiln.meta.baseline import TaskSampler, pretrain_joint
 from kiln.meta.maml import adaptation_losses, check_functional, meta_gradient, params_of
 from kiln.meta.tasks import SineTasks
 from kiln.train.build import new_run_dir
+from kiln.train.checkpoint.weights import save_weights
 from kiln.train.engine import select_device
 from kiln.train.logging import MetricsLogger, Progress
 from kiln.train.optim import build_optimizer
 from kiln.train.reproducibility import seed_everything
-from kiln.train.weights import save_weights
 
 __all__ = [
     "EVAL_QUERY",

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from kiln.train import build, distributed, snapshots
+from kiln.train.checkpoint.weights import save_weights
 from kiln.train.evaluation import evaluate
 from kiln.train.final_checks import (
     check_final_metrics,
@@ -22,7 +23,6 @@ from kiln.train.final_checks import (
 )
 from kiln.train.guard import NonFiniteError
 from kiln.train.metrics import build_metrics
-from kiln.train.weights import save_weights
 
 if TYPE_CHECKING:
     from kiln.train.trainer import Trainer

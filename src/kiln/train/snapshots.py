@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from kiln.train import distributed, state
-from kiln.train.checkpoint import RESUME_KEYS, load_checkpoint
+from kiln.train import distributed
+from kiln.train.checkpoint import RESUME_KEYS, load_checkpoint, state
 from kiln.train.reproducibility import rng_state, set_rng_state
 
 if TYPE_CHECKING:

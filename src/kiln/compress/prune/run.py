@@ -25,7 +25,7 @@ __all__ = ["initial_state", "kiln_metadata", "recalibrate_bn", "trainer_finetune
 
 
 def kiln_metadata(cfg: Config, info: DataInfo) -> dict[str, str]:
-    """The metadata ``kiln.train.weights.save_weights`` writes: rebuilds the model on load."""
+    """The metadata :func:`kiln.train.checkpoint.weights.save_weights` writes (for rebuilding)."""
     from dataclasses import asdict
 
     from kiln.config import dump_config

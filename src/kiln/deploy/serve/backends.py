@@ -114,7 +114,7 @@ def load_backend(
     p = targets[0]
     kind = "eager"
     if all(t.is_dir() for t in targets):
-        from kiln.train.weights import load_model
+        from kiln.train.checkpoint.weights import load_model
 
         info = _read_info(p)
         if info.task not in ("classification", "regression"):

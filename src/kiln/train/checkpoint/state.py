@@ -82,7 +82,7 @@ def load_full_state(
 
 def _check_shapes(model: nn.Module, msd: dict[str, Any]) -> None:
     """Refuse a checkpoint written for another architecture with the keys that differ."""
-    from kiln.train.checkpoint import CheckpointError
+    from kiln.train.checkpoint.schema import CheckpointError
 
     # a DTensor's .shape is the full (global) shape, so this also holds under FSDP2
     own = {k: tuple(v.shape) for k, v in model.state_dict().items() if hasattr(v, "shape")}
@@ -130,7 +130,7 @@ def load_sharded(
     )
 
     if not directory.is_dir():
-        from kiln.train.checkpoint import CheckpointError
+        from kiln.train.checkpoint.schema import CheckpointError
 
         raise CheckpointError(f"sharded checkpoint folder missing: {directory}")
     if optimizer is None:

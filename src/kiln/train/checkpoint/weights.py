@@ -1,8 +1,9 @@
 """Model weights without pickle: ``model.safetensors`` plus the config that rebuilds the model.
 
-``kiln.load_model(run_dir)`` reads ``config.yaml`` and ``data_info.json`` from the run directory,
-rebuilds the network through the registry and loads the weights; tied weights (a GPT's embedding
-and head) survive because safetensors' ``save_model``/``load_model`` handle shared tensors.
+``kiln.load_model(run_dir)`` reads the run's ``model.safetensors``, rebuilds the network from the
+config and the input contract stored in its metadata (through the registry) and loads the weights;
+tied weights (a GPT's embedding and head) survive because safetensors' ``save_model``/``load_model``
+handle shared tensors. Where the file sits in a run directory is :mod:`kiln.run`'s contract.
 
 Example:
     >>> model = load_model("runs/digits")          # doctest: +SKIP
@@ -21,8 +22,14 @@ from torch import nn
 
 from kiln.config import Config, dump_config
 from kiln.data.base import DataInfo
+from kiln.run import (
+    WEIGHTS,
+    data_info_from_json,
+    read_data_info,
+    weights_file,
+)
 
-WEIGHTS = "model.safetensors"
+__all__ = ["WEIGHTS", "consolidate_checkpoint", "load_model", "model_from_metadata", "save_weights"]
 
 
 def save_weights(model: nn.Module, path: str | Path, cfg: Config, info: DataInfo) -> Path:
@@ -68,9 +75,7 @@ def model_from_metadata(file: Path, meta: dict[str, str], *, trust_code: bool) -
 
     cfg = Config.model_validate(yaml.safe_load(meta["kiln_config"]))
     refuse_file_target(cfg.model.target, file, trust_code=trust_code)
-    raw = json.loads(meta["kiln_data_info"])
-    raw["input_shape"] = tuple(raw["input_shape"])
-    return build_model(cfg.model, DataInfo(**raw))
+    return build_model(cfg.model, data_info_from_json(meta["kiln_data_info"]))
 
 
 def load_model(
@@ -95,13 +100,7 @@ def load_model(
     """
     from kiln.safeio.tensorfile import load_into, read_header
 
-    p = Path(run)
-    file = p / WEIGHTS if p.is_dir() else p
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"no {WEIGHTS} in {p}; the run may not have finished; "
-            "resume it with `kiln train <config> resume=<run>`"
-        )
+    file = weights_file(run)
     entries, meta = read_header(file)  # a damaged header is one line naming the file
     if model is None:
         model = model_from_metadata(file, meta, trust_code=trust_code)
@@ -126,21 +125,15 @@ def consolidate_checkpoint(
         >>> w = consolidate_checkpoint("runs/x/checkpoints/step-40.ckpt",
         ...                            out="runs/x/model-step40.safetensors")  # doctest: +SKIP
     """
-    from kiln.train import state
-    from kiln.train.checkpoint import WEIGHT_KEYS, load_checkpoint
+    from kiln.train.checkpoint import state
+    from kiln.train.checkpoint.files import load_checkpoint
+    from kiln.train.checkpoint.schema import WEIGHT_KEYS
 
     path = Path(checkpoint)
     saved = load_checkpoint(path, require=WEIGHT_KEYS)
     cfg = Config.model_validate(saved["config"])
-    run_dir = path.parent.parent
-    info_file = run_dir / "data_info.json"
-    if not info_file.is_file():
-        raise FileNotFoundError(
-            f"{info_file} is missing; the checkpoint must sit in its run's checkpoints/"
-        )
-    raw = json.loads(info_file.read_text())
-    raw["input_shape"] = tuple(raw["input_shape"])
-    info = DataInfo(**raw)
+    run_dir = path.parent.parent  # RUN/checkpoints/step-N.ckpt
+    info = read_data_info(run_dir, hint="the checkpoint must sit in its run's checkpoints/")
     if model is None:
         from kiln.registry import build_model
         from kiln.trust import refuse_file_target
