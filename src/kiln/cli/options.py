@@ -5,9 +5,9 @@ lr``, the Grad-CAM layer for ``kiln inspect``) and too many to be flags. They ar
 form ``<verb>.<name>=value`` mixed with the ``key.sub=value`` overrides: :func:`take_options`
 takes them out, and a pydantic model per verb (:class:`InspectOptions`, :class:`LrFindOptions`,
 :class:`BatchFindOptions`, :class:`ProfileOptions`, :class:`BenchCliOptions`) holds their
-types, bounds, defaults and help, as
-:mod:`kiln.config` does for the job. A bad one is a :class:`kiln.errors.UsageError` (exit 2)
-naming the option, the value, the allowed values and the closest name.
+types, bounds, defaults and help, as :mod:`kiln.config` does for the job. A bad one is a
+:class:`kiln.errors.UsageError` (exit 2) naming the option, the value, the allowed values and
+the closest name; every problem is reported at once.
 
 Imported by the verbs when they run (pydantic is not needed for ``kiln --help``).
 
@@ -40,7 +40,14 @@ __all__ = [
 
 
 class VerbOptions(_Strict):
-    """Base of a verb's options: unknown names refused, numbers finite and within int64."""
+    """Base of a verb's options: unknown names refused, numbers finite and within int64.
+
+    Example:
+        >>> class Demo(VerbOptions):
+        ...     steps: int = 1
+        >>> Demo.model_validate({"steps": "3"}).steps
+        3
+    """
 
     @field_validator("*", mode="after")
     @classmethod
@@ -51,7 +58,12 @@ class VerbOptions(_Strict):
 
 
 class InspectOptions(VerbOptions):
-    """``kiln inspect`` options, as ``inspect.<name>=value``."""
+    """``kiln inspect`` options, as ``inspect.<name>=value``.
+
+    Example:
+        >>> InspectOptions(split="val").model_dump()["split"], InspectOptions().bins
+        ('val', 40)
+    """
 
     anomaly: bool = Field(False, description="autograd anomaly mode for the backward pass")
     layer: str | None = Field(
@@ -75,7 +87,12 @@ class InspectOptions(VerbOptions):
 
 
 class LrFindOptions(VerbOptions):
-    """``kiln tune lr`` options (the range test), as ``tune.<name>=value`` or ``--name value``."""
+    """``kiln tune lr`` options (the range test), as ``tune.<name>=value`` or ``--name value``.
+
+    Example:
+        >>> LrFindOptions().end_lr
+        10.0
+    """
 
     steps: int = Field(100, description="updates in the sweep")
     start_lr: float = Field(1e-7, description="first learning rate")
@@ -84,7 +101,12 @@ class LrFindOptions(VerbOptions):
 
 
 class BatchFindOptions(VerbOptions):
-    """``kiln tune batch`` options, as ``tune.<name>=value`` or ``--name value``."""
+    """``kiln tune batch`` options, as ``tune.<name>=value`` or ``--name value``.
+
+    Example:
+        >>> BatchFindOptions(mode="binary").max_batch is None
+        True
+    """
 
     mode: Literal["power", "binary"] = Field(
         "power", description="power (doubling) or binary (then bisect)"
@@ -97,6 +119,10 @@ class ProfileOptions(VerbOptions):
     """``kiln profile`` options, as ``profile.<name>=value``.
 
     The schedule's bounds are :class:`kiln.perf.profile.Schedule`'s.
+
+    Example:
+        >>> ProfileOptions().rows
+        10
     """
 
     wait: int = Field(1, description="updates before the profiler's warm-up")
@@ -112,6 +138,10 @@ class BenchCliOptions(VerbOptions):
 
     Only their types: the defaults and bounds are :class:`kiln.perf.bench.BenchOptions`'s, which
     gets the options given (``model_dump(exclude_unset=True)``).
+
+    Example:
+        >>> BenchCliOptions.model_validate({"steps": "9"}).model_dump(exclude_unset=True)
+        {'steps': 9}
     """
 
     steps: int | None = Field(None, description="the budget, in updates of the baseline")

@@ -103,10 +103,10 @@ def split_tune_options(what: str, args: list[str]) -> tuple[dict[str, Any], list
         >>> split_tune_options("lr", ["c.yaml", "tune.steps=50", "optim.lr=1"])[0]["steps"]
         50
     """
-    from kiln.cli.options import BatchFindOptions, LrFindOptions, parse_options
+    from kiln.cli.options import BatchFindOptions, LrFindOptions, VerbOptions, parse_options
 
     values, rest = _take(args)
-    finders = {"lr": LrFindOptions, "batch": BatchFindOptions}
+    finders: dict[str, type[VerbOptions]] = {"lr": LrFindOptions, "batch": BatchFindOptions}
     model = finders[what]
     for key in values:
         other = next((v for v, m in finders.items() if v != what and key in m.model_fields), None)
