@@ -6,9 +6,13 @@ every verb that reads files or runs code has in common live here, so ``--trust-c
 ``--debug`` read the same everywhere.
 
 Example:
-    >>> from typing import get_args
-    >>> get_args(Debug)[1].param_decls
-    ('--debug',)
+    >>> from typer.testing import CliRunner
+    >>> app = typer.Typer()
+    >>> @app.command()
+    ... def demo(trust_code: TrustCode = False, debug: Debug = False) -> None:
+    ...     print(f"trust_code={trust_code} debug={debug}")
+    >>> print(CliRunner().invoke(app, ["--debug"]).output.strip())
+    trust_code=False debug=True
 """
 
 from __future__ import annotations
