@@ -1,8 +1,9 @@
 """Where a training step's time goes: data, transfer, forward, backward, optimizer, host syncs.
 
-:func:`find_bottleneck` builds the job exactly as ``kiln train`` does (a
-:class:`~kiln.Trainer`'s loader, Engine, model, optimizer, loss, scheduler and EMA, without
-calling ``fit``) and runs the Trainer's update by hand, with a clock read between the phases.
+:func:`find_bottleneck` builds the job exactly as ``kiln train`` does
+(:func:`kiln.train.build.build_parts`: the Trainer's loader, Engine, model, optimizer, loss,
+scheduler and EMA, without a run directory) and runs the Trainer's own train step
+(:func:`kiln.train.step.train_step`), whose ``lap`` hook reads a clock between the phases.
 Like ``torch.utils.bottleneck`` it then runs the same updates under ``cProfile`` and under the
 autograd profiler, in separate passes so neither inflates the phase times:
 
@@ -41,7 +42,6 @@ import os
 import pstats
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -240,70 +240,55 @@ def _short(path: str) -> str:
 
 
 class _Steps:
-    """The Trainer's update, by hand, with ``lap(phase)`` calls between the phases."""
+    """The Trainer's own train step (``kiln.train.step.train_step``), update after update,
+    cycling over epochs, with the Trainer's logging reads every ``train.log_every`` updates."""
 
-    def __init__(self, trainer: Any) -> None:
-        self.t = trainer
-        self.epoch = trainer.epoch
-        self.batches: Iterator[tuple[int, Any]] | None = None
+    def __init__(self, parts: Any, cfg: Any) -> None:
+        self.parts, self.cfg = parts, cfg
+        self.epoch, self.step, self.micro = 0, 0, 1
+        self.batches = self._batches()
         self.losses: list[torch.Tensor] = []
-        self.step = trainer.step
 
-    def _next(self) -> tuple[int, Any]:
+    def _batches(self) -> Iterator[tuple[int, Any]]:
         from kiln.data.loader import start_epoch
 
+        loader = self.parts.train_loader
         while True:
-            if self.batches is None:
-                start_epoch(self.t.train_loader, self.epoch, 0)
-                self.batches = enumerate(self.t.train_loader)
-            try:
-                return next(self.batches)
-            except StopIteration:
-                self.epoch += 1
-                self.batches = None
+            start_epoch(loader, self.epoch, 0)
+            yield from enumerate(loader)
+            self.epoch += 1
 
     def update(self, lap: Callable[[str], None]) -> None:
-        t, engine = self.t, self.t.engine
-        cfg, opt, tech = t.cfg.train, t.optimizer, t.tech
-        group_loss: torch.Tensor | None = None
-        while True:
-            i, batch = self._next()
-            lap("data")
-            x, y = engine.to_device(batch)
-            lap("to_device")
-            if tech.mixer is not None:
-                x, y = tech.mixer(x, y, epoch=self.epoch)
-                lap("data")
-            update = engine.is_update(i, t.n_batches)
-            with engine.micro_step(i, t.n_batches, size=len(x), update=update):
-                with engine.autocast():
-                    out = t.model(x)
-                    loss = t.loss_fn(out, y)
-                lap("forward")
-                engine.backward(loss)
-            lap("backward")
-            self.losses.append(loss.detach())
-            group_loss = loss.detach() if group_loss is None else group_loss + loss.detach()
-            if update:
-                break
-        if cfg.nonfinite != "ignore" and not engine.grads_finite(opt, group_loss):
-            engine.zero_grad(opt)  # a bad update is skipped here, whatever the policy
-            lap("syncs")
-            return
-        lap("syncs")
+        from kiln.train.step import mean_loss, train_step
+
+        parts, cfg = self.parts, self.cfg
+        sched = parts.scheduler
+        # Not past the schedule's end (OneCycle refuses extra steps).
+        per_update = sched is not None and sched.interval == "step"
+        schedule = sched if per_update and self.step < parts.total_steps else None
         log_now = (self.step + 1) % cfg.log_every == 0
-        norm = engine.optimizer_step(opt, grad_norm=log_now)
-        sched = t.scheduler
-        if sched is not None and sched.interval == "step" and self.step < t.total_steps:
-            sched.step()  # not past the schedule's end (OneCycle refuses extra steps)
+        result = train_step(
+            parts,
+            self.batches,
+            self.losses,
+            epoch=self.epoch,
+            step=self.step,
+            micro=self.micro,
+            guard=cfg.nonfinite != "ignore",
+            grad_norm=log_now,
+            schedule=schedule,
+            lap=lap,
+        )
+        assert result is not None  # the batches never run out
+        self.micro = result.micro
+        if not result.finite:
+            parts.engine.zero_grad(parts.optimizer)  # a bad update is skipped here, whatever
+            return  # the policy
         self.step += 1
-        if tech.ema is not None and self.step % tech.ema_every == 0:
-            tech.ema.update(engine.model)
-        lap("optimizer")
-        if log_now:  # what Trainer._log_train reads on the host
-            torch.stack(self.losses).float().mean().item()
-            if norm is not None:
-                norm.item()
+        if log_now:  # what the Trainer's log reads on the host
+            mean_loss(self.losses, parts.engine.world.size)
+            if result.grad_norm is not None:
+                result.grad_norm.item()
             self.losses.clear()
             lap("syncs")
 
@@ -373,28 +358,29 @@ def find_bottleneck(
         >>> abs(sum(r.phases_ms.values()) - r.step_ms) < 0.05 * r.step_ms       # doctest: +SKIP
         True
     """
-    from kiln.train.trainer import Trainer
+    from kiln.train.build import build_parts
 
     if steps < 1:
         raise ValueError(f"--steps must be >= 1 update, got {steps}")
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0 updates, got {warmup}")
     cfg = measurement_config(cfg)
-    with tempfile.TemporaryDirectory(prefix="kiln-bottleneck-") as scratch:
-        trainer = Trainer(cfg, run_dir=scratch, verbose=False)
-        try:
-            return _measure(trainer, steps, warmup, rows, out)
-        finally:
-            trainer.engine.close()
+    if cfg.meta.enabled:
+        raise ValueError("meta.enabled=true runs the meta-learning loop, which has no train step")
+    parts = build_parts(cfg, None, None)  # what the Trainer builds, without a run directory
+    try:
+        return _measure(cfg, parts, steps, warmup, rows, out)
+    finally:
+        parts.engine.close()
 
 
 def _measure(
-    trainer: Any, steps: int, warmup: int, rows: int, out: str | Path | None
+    cfg: Config, parts: Any, steps: int, warmup: int, rows: int, out: str | Path | None
 ) -> BottleneckReport:
-    device = trainer.engine.device
+    device = parts.engine.device
     on_gpu = device.type == "cuda"
-    runner = _Steps(trainer)
-    trainer.model.train()
+    runner = _Steps(parts, cfg.train)
+    parts.tech.train_mode(parts.model, parts.engine.model)
     for _ in range(warmup):
         runner.update(_no_lap)
 
@@ -429,7 +415,7 @@ def _measure(
             f"({typical:.3g} ms) and are left out of the phase means (machine load, a garbage "
             "collection or an epoch start); see step_ms_each"
         )
-    counting = not trainer.cfg.compile
+    counting = not cfg.compile
     reads = HostReads(device)
     with torch.autograd.profiler.profile(use_device="cuda" if on_gpu else None) as prof:
         if counting:
@@ -481,5 +467,5 @@ def _measure(
         top_functions=functions,
         top_ops=ops,
         notes=notes,
-        compute_hint=_compute_hint(trainer.cfg, len(trainer.data.info.input_shape) == 3),
+        compute_hint=_compute_hint(cfg, len(parts.data.info.input_shape) == 3),
     )

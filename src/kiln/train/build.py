@@ -1,4 +1,5 @@
-"""From a validated Config to live objects: data, loaders, model, run directory.
+"""From a validated Config to live objects: data, loaders, model, run directory, and the
+:class:`Parts` of a fit.
 
 Kept apart from the Trainer so ``kiln eval`` and the other verbs rebuild exactly what training
 used (same seeded split, same model) from a run directory's ``config.yaml``.
@@ -6,8 +7,9 @@ used (same seeded split, same model) from a run directory's ``config.yaml``.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
+import copy
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +17,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from kiln.config import Config, dump_config
+from kiln.config import Config
 from kiln.data.base import DataBundle, DataInfo
-from kiln.data.loader import ArrayLoader, make_loader
+from kiln.data.loader import ArrayLoader, batch_sizes, make_loader
+from kiln.run import write_run_files as write_run_files  # the Trainer's name for it
 from kiln.train.engine import Engine
+from kiln.train.evaluation import monitor_mode
+from kiln.train.metrics import build_metrics
+from kiln.train.optim import build_optimizer, build_scheduler
+from kiln.train.reproducibility import seed_everything, set_deterministic
+from kiln.train.techniques import Techniques, check_techniques
 
 Loader = DataLoader[Any] | ArrayLoader
 
@@ -259,13 +267,149 @@ def new_run_dir(out_dir: str | Path, name: str) -> Path:
     return candidate
 
 
-def write_run_files(run_dir: Path, cfg: Config, info: DataInfo) -> None:
-    """The resolved config and the data description, for the other verbs."""
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    (run_dir / "data_info.json").write_text(json.dumps(asdict(info), indent=1))
+@dataclass
+class Parts:
+    """The live objects of one fit, built once by :func:`build_parts` (none of them is saved
+    here: each part's own ``state_dict`` is, see ``kiln.train.snapshots``).
+
+    Attributes:
+        engine: device, precision, accumulation, the update.
+        data: the data bundle (splits and what the data says).
+        model: the model as wrapped by ``engine.setup`` (DDP/compile); ``engine.model`` is the
+            unwrapped one.
+        template: a plain copy of the model before FSDP2 sharded it (else the model itself).
+        optimizer, scheduler, loss_fn: what the update uses (scheduler None when off).
+        tech: the techniques switched on (mixing, EMA, SWA, freezing, early stopping).
+        metrics: the validation metrics.
+        train_loader, val_loader, test_loader: this rank's loaders (val/test None when empty).
+        n_batches: loader batches per epoch; per_rank_batch: examples in each.
+        updates_per_epoch, total_steps: the run's length in updates.
+        monitor, mode: the metric that picks the best checkpoint, and ``min``/``max``.
+        early_monitor: the metric early stopping watches (None when off).
+    """
+
+    engine: Engine
+    data: DataBundle
+    model: nn.Module
+    template: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss_fn: Any
+    tech: Techniques
+    metrics: Any
+    train_loader: Loader
+    val_loader: Loader | None
+    test_loader: Loader | None
+    n_batches: int
+    per_rank_batch: int
+    updates_per_epoch: int
+    total_steps: int
+    monitor: str
+    mode: str
+    early_monitor: str | None = None
 
 
-def read_data_info(run_dir: Path) -> DataInfo:
-    raw = json.loads((run_dir / "data_info.json").read_text())
-    raw["input_shape"] = tuple(raw["input_shape"])
-    return DataInfo(**raw)
+def build_parts(cfg: Config, model: nn.Module | None, data: DataBundle | None) -> Parts:
+    """Seed, then build data -> model -> Engine.setup -> optimizer -> loaders -> scheduler.
+
+    The order is the one every run has always used (the seeded initial weights depend on it).
+    Joins the process group under ddp/fsdp (the Engine does).
+
+    Example:
+        >>> from kiln.config import load_config
+        >>> cfg = load_config(None, ["model.kwargs.hidden=[8]"])
+        >>> parts = build_parts(cfg, None, None)  # doctest: +SKIP
+        >>> parts.n_batches > 0                   # doctest: +SKIP
+        True
+    """
+    seed_everything(cfg.seed)
+    set_deterministic(cfg.deterministic)
+    data = data if data is not None else build_data_for(cfg)
+    info = data.info
+    engine = engine_for(cfg)
+    world = engine.world
+    check_techniques(cfg, info, strategy=engine.strategy, world=world.size)
+    model = model if model is not None else build_model_for(cfg, info)
+    if cfg.train.activation_checkpointing:
+        from kiln.algorithms.activation_checkpointing import apply_activation_checkpointing
+
+        targets = cfg.train.activation_checkpointing
+        apply_activation_checkpointing(model, None if targets is True else targets)
+    tech = Techniques(cfg, info, model, epochs=cfg.train.epochs, rank=world.rank)
+    freezer = tech.freezer
+    if freezer is not None and not freezer.dynamic:
+        freezer.apply(model, epoch=0)  # before wrapping and the optimizer: both skip them
+    # FSDP2 shards the model in place; a plain copy rebuilds the best weights at the end.
+    template = copy.deepcopy(model) if engine.strategy == "fsdp" else model
+    wrapped, _ = engine.setup(model)
+    optimizer = build_optimizer(engine.model, cfg.optim)  # type: ignore[arg-type]
+    loss_fn = loss_for(cfg, data)
+    add_loss_parameters(optimizer, loss_fn, engine.device, world.size)
+    if freezer is not None and freezer.dynamic:
+        # Unfrozen later, so they stay in the optimizer; with no grad they get no update.
+        freezer.apply(model, epoch=0)
+    dev = engine.device
+    train, val, test = loaders_for(
+        cfg, data, device=dev, rank=world.rank, world=world.size, fsdp=engine.strategy == "fsdp"
+    )
+    per_rank = per_rank_batch(cfg, world.size)
+    sizes = batch_sizes(len(train.sampler), per_rank, cfg.data.drop_last)  # type: ignore[arg-type]
+    if not sizes:
+        raise ValueError(
+            f"the train split has {len(data.train)} examples, fewer than one batch of "  # type: ignore[arg-type]
+            f"{cfg.data.batch_size} with drop_last; lower data.batch_size"
+        )
+    updates_per_epoch = math.ceil(len(sizes) / cfg.train.accumulate)
+    total_steps = cfg.train.max_steps or updates_per_epoch * cfg.train.epochs
+    scheduler = build_scheduler(
+        optimizer,
+        cfg.scheduler,
+        steps_per_epoch=updates_per_epoch,
+        epochs=cfg.train.epochs,
+        total_steps=total_steps,
+    )
+    metrics = build_metrics(info, device=dev, top_k=cfg.train.top_k, sync=world.size > 1)
+    monitor = cfg.checkpoint.monitor
+    if val is None and monitor.startswith("val/"):
+        monitor = "train/" + monitor.split("/", 1)[1]
+    early_monitor = _early_stopping(cfg, tech, monitor, has_val=val is not None)
+    return Parts(
+        engine=engine,
+        data=data,
+        model=wrapped,
+        template=template,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loss_fn=loss_fn,
+        tech=tech,
+        metrics=metrics,
+        train_loader=train,
+        val_loader=val,
+        test_loader=test,
+        n_batches=len(sizes),
+        per_rank_batch=per_rank,
+        updates_per_epoch=updates_per_epoch,
+        total_steps=total_steps,
+        monitor=monitor,
+        mode=monitor_mode(monitor, cfg.checkpoint.mode),
+        early_monitor=early_monitor,
+    )
+
+
+def _early_stopping(cfg: Config, tech: Techniques, monitor: str, *, has_val: bool) -> str | None:
+    """Put early stopping into ``tech`` when it is on; the metric it watches."""
+    from kiln.algorithms.early_stopping import EarlyStopping
+
+    es = cfg.early_stop
+    if not es.enabled:
+        return None
+    early_monitor = es.monitor or monitor
+    if not early_monitor.startswith("val/") or not has_val:
+        raise ValueError(
+            f"early_stop monitors a validation metric (got {early_monitor!r}); "
+            "set data.val_fraction > 0 and early_stop.monitor=val/<metric>"
+        )
+    tech.early = EarlyStopping(
+        mode=monitor_mode(early_monitor, es.mode), patience=es.patience, min_delta=es.min_delta
+    )
+    return early_monitor

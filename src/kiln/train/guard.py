@@ -1,71 +1,85 @@
-"""Non-finite losses and gradients: the error the trainer raises and the diagnosis it gives.
+"""Non-finite losses and gradients: what ``train.nonfinite`` does about a bad update.
 
-``train.nonfinite=stop`` (the default) saves the weights from before the bad update and raises
-:class:`NonFiniteError`, naming the parameters whose gradients went non-finite and the first
-module whose output did, so the user knows where to look.
+The train step only finds out (``kiln.train.step``); this module decides and acts, as plain
+functions of the values they use:
+
+* :func:`verdict`: ``skip``, ``rollback`` or ``stop`` for this bad update, escalating to ``stop``
+  after ``train.max_consecutive_skips`` skips in a row or ``train.max_rollbacks`` rollbacks, with
+  advice that names only what is left to try.
+* :func:`rollback`: load the last checkpoint into the parts and return its loop state, with the
+  LRs scaled by ``train.rollback_lr_factor`` once more.
+* :func:`stop_message`: ``train.nonfinite=stop`` (the default) saves the weights from before the
+  bad update and raises :class:`NonFiniteError` with this text; the diagnosis in it (the
+  parameters whose gradients went non-finite, the first module whose output did) is
+  :mod:`kiln.train.diagnosis`, which runs on :mod:`kiln.train.nonfinite` (that module imports
+  :class:`NonFiniteError` from here, so the locators are not imported here).
+
+Example:
+    >>> from kiln.config import TrainConfig
+    >>> cfg = TrainConfig(nonfinite="skip")
+    >>> v = verdict(cfg, LoopState(), updates=7)
+    >>> v.action, v.streak
+    ('skip', (7, 1))
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-import torch
-from torch import nn
-
-from kiln.algorithms.nonfinite import first_nonfinite_module, nonfinite_grads
 from kiln.errors import KilnError
 from kiln.train import snapshots
+from kiln.train.build import Parts
+from kiln.train.loop_state import LoopState
 from kiln.train.schedules import scale_lrs
 
-if TYPE_CHECKING:
-    from kiln.train.trainer import Trainer
-
-__all__ = ["NonFiniteError", "describe_nonfinite", "handle_nonfinite"]
+__all__ = [
+    "NonFiniteError",
+    "Verdict",
+    "rollback",
+    "rollback_line",
+    "skip",
+    "stop_message",
+    "verdict",
+]
 
 
 class NonFiniteError(KilnError, RuntimeError):
     """Training met a NaN/Inf loss or gradient and ``train.nonfinite`` said to stop."""
 
 
-def describe_nonfinite(model: nn.Module, x: Any, bad_grads: list[str]) -> str:
-    """A short text naming where the non-finite values are.
+@dataclass(frozen=True)
+class Verdict:
+    """What to do about one non-finite update.
 
-    Args:
-        model: the unwrapped model (its train/eval mode is used as it is).
-        x: the batch of the bad update; one more forward pass runs on it (no grad).
-        bad_grads: parameter names whose gradients were non-finite (read before zeroing them).
+    Attributes:
+        action: ``skip``, ``rollback`` or ``stop``.
+        advice: for ``stop``, what the user may still try (ends the error message).
+        streak: the new ``(engine.updates at the last skip, skips in a row)``.
     """
-    parts = []
-    try:
-        hit = first_nonfinite_module(model, x)
-    except Exception as exc:  # diagnosis must never hide the original problem
-        hit = None
-        parts.append(f"(re-running the batch to find the module failed: {exc})")
-    if hit is not None:
-        name, cls = hit
-        if name == "<input>":
-            parts.insert(0, "the input batch itself holds NaN/Inf (check the data)")
-        else:
-            parts.insert(0, f"first non-finite output in module {name!r} ({cls})")
-    if bad_grads:
-        shown = ", ".join(bad_grads[:3]) + (", ..." if len(bad_grads) > 3 else "")
-        parts.append(f"non-finite gradients in {len(bad_grads)} parameters ({shown})")
-    if not parts:
-        parts.append("the forward pass is finite on a re-run, so the loss itself overflowed")
-    return "; ".join(parts)
+
+    action: str
+    advice: str
+    streak: tuple[int, int]
 
 
-def handle_nonfinite(self: Trainer, x: torch.Tensor) -> str:
-    """Apply ``train.nonfinite`` to a non-finite update; returns ``skip`` or ``rollback``.
+def verdict(cfg: Any, state: LoopState, updates: int) -> Verdict:
+    """Apply ``train.nonfinite`` to a non-finite update.
 
     ``skip`` gives up after ``train.max_consecutive_skips`` bad updates in a row and ``rollback``
-    after ``train.max_rollbacks`` rollbacks: both then stop like ``stop`` does, and the message
-    advises only what is left to try.
+    after ``train.max_rollbacks`` rollbacks: both then stop like ``stop`` does, and the advice
+    names only what is left to try.
+
+    Args:
+        cfg: the ``train`` section of the config.
+        state: the loop's counters (rollbacks and skips so far, the skip streak); not changed.
+        updates: optimizer updates the Engine has taken.
     """
-    cfg = self.cfg.train
+    rollbacks, skipped, streak = state.rollbacks, state.nonfinite_skipped, state.skip_streak
     policy = cfg.nonfinite
     advice = "set train.clip_norm, or set train.nonfinite=skip|rollback"
-    if policy == "rollback" and self.rollbacks >= cfg.max_rollbacks:
+    if policy == "rollback" and rollbacks >= cfg.max_rollbacks:
         policy = "stop"
         advice = (
             f"set train.clip_norm, raise train.max_rollbacks (now {cfg.max_rollbacks}) or lower "
@@ -74,46 +88,70 @@ def handle_nonfinite(self: Trainer, x: torch.Tensor) -> str:
         )
     if policy == "skip":
         # A streak is the skips since the last update the optimizer took.
-        mark, streak = self._skip_streak
-        streak = streak + 1 if mark == self.engine.updates else 1
-        self._skip_streak = (self.engine.updates, streak)
-        if streak < cfg.max_consecutive_skips:
-            self.engine.zero_grad(self.optimizer)
-            self.nonfinite_skipped += 1
-            self.step += 1  # the update's slot passes, like a GradScaler skip
-            return "skip"
+        mark, count = streak
+        count = count + 1 if mark == updates else 1
+        streak = (updates, count)
+        if count < cfg.max_consecutive_skips:
+            return Verdict("skip", "", streak)
         policy = "stop"
         advice = (
             f"set train.clip_norm, or raise train.max_consecutive_skips (now "
             f"{cfg.max_consecutive_skips}) if the bad updates come in short bursts, or try "
-            f"train.nonfinite=rollback; {streak} updates in a row were non-finite "
-            f"({self.nonfinite_skipped} skipped before)"
+            f"train.nonfinite=rollback; {count} updates in a row were non-finite "
+            f"({skipped} skipped before)"
         )
-    if policy == "rollback":
-        last = self.ckpts.last()
-        self.engine.zero_grad(self.optimizer)
-        if last is None:
-            raise NonFiniteError(f"non-finite update at step {self.step + 1} with no checkpoint")
-        target = self.lr_scale * cfg.rollback_lr_factor
-        count, skipped = self.rollbacks, self.nonfinite_skipped
-        snapshots.restore(self, last)  # sets lr_scale to the checkpoint's
-        scale_lrs(self.optimizer, self.scheduler, target / self.lr_scale)
-        self.lr_scale, self.rollbacks, self.nonfinite_skipped = target, count + 1, skipped
-        if self.verbose and self.is_zero:
-            print(
-                f"non-finite loss or gradient: rolled back to {last.name} (step {self.step}) "
-                f"with LRs x{target:g} (rollback {self.rollbacks}/{cfg.max_rollbacks})",
-                flush=True,
-            )
-        self.logger.log({"train/rollbacks": self.rollbacks}, step=self.step)
-        return "rollback"
-    bad_grads = nonfinite_grads(self.engine.model)  # type: ignore[arg-type]
-    self.engine.zero_grad(self.optimizer)
-    path = self._save()  # the state before the bad update
-    where = describe_nonfinite(self.engine.model, x, bad_grads)  # type: ignore[arg-type]
-    after = f" after {self.rollbacks} rollbacks" if self.rollbacks else ""
-    raise NonFiniteError(
-        f"non-finite loss or gradient at step {self.step + 1} (epoch {self.epoch + 1}, "
-        f"batch {self.batch_in_epoch}){after}: {where}; the weights before it are saved in "
-        f"{path}. Lower optim.lr, {advice}"
+    return Verdict(policy, advice, streak)
+
+
+def rollback(
+    parts: Parts, state: LoopState, checkpoint: Path | None, *, factor: float
+) -> LoopState:
+    """Load ``checkpoint`` into the parts; the loop state to continue from.
+
+    The LRs become the checkpoint's times ``state.lr_scale * factor``; the rollback and skip
+    counts carry on from ``state`` (they count the whole run, not the checkpoint's past).
+
+    Raises:
+        NonFiniteError: there is no checkpoint to roll back to.
+    """
+    parts.engine.zero_grad(parts.optimizer)
+    if checkpoint is None:
+        raise NonFiniteError(f"non-finite update at step {state.step + 1} with no checkpoint")
+    target = state.lr_scale * factor
+    restored, _ = snapshots.restore(parts, checkpoint)
+    scale_lrs(parts.optimizer, parts.scheduler, target / restored.lr_scale)
+    restored.lr_scale, restored.rollbacks = target, state.rollbacks + 1
+    restored.nonfinite_skipped, restored.skip_streak = state.nonfinite_skipped, state.skip_streak
+    restored.resumed_from = state.resumed_from
+    return restored
+
+
+def skip(parts: Parts, state: LoopState) -> None:
+    """Drop the bad update's gradients; its slot passes (like a GradScaler skip) and counts."""
+    parts.engine.zero_grad(parts.optimizer)
+    state.nonfinite_skipped += 1
+    state.step += 1
+
+
+def rollback_line(checkpoint: Path, state: LoopState, max_rollbacks: int) -> str:
+    """The line printed after a rollback to ``checkpoint`` (``state`` is the restored one)."""
+    return (
+        f"non-finite loss or gradient: rolled back to {checkpoint.name} (step {state.step}) "
+        f"with LRs x{state.lr_scale:g} (rollback {state.rollbacks}/{max_rollbacks})"
+    )
+
+
+def stop_message(state: LoopState, *, where: str, saved: Path, advice: str) -> str:
+    """The :class:`NonFiniteError` text of ``train.nonfinite=stop`` at ``state``'s position.
+
+    Example:
+        >>> s = LoopState(epoch=0, batch_in_epoch=3, step=2)
+        >>> stop_message(s, where="x", saved=Path("step-2.ckpt"), advice="y")[:48]
+        'non-finite loss or gradient at step 3 (epoch 1, '
+    """
+    after = f" after {state.rollbacks} rollbacks" if state.rollbacks else ""
+    return (
+        f"non-finite loss or gradient at step {state.step + 1} (epoch {state.epoch + 1}, "
+        f"batch {state.batch_in_epoch}){after}: {where}; the weights before it are saved in "
+        f"{saved}. Lower optim.lr, {advice}"
     )

@@ -14,12 +14,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from kiln.run import METRICS
+
 
 class MetricsLogger:
     """Appends metric dicts to ``metrics.jsonl`` and, optionally, TensorBoard scalars."""
 
     def __init__(self, run_dir: Path, *, tensorboard: bool = True, enabled: bool = True) -> None:
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS
         self._file: Any = None
         self._tb: Any = None
         if not enabled:  # ranks other than 0 log nothing
@@ -58,6 +60,25 @@ def epoch_line(
     """
     shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("val/"))
     return f"epoch {epoch}/{epochs}  step {step}  {shown}  ({seconds:.1f}s)"
+
+
+def train_record(
+    loss: float, lr: float, grad_norm: Any, *, scaler_skips: int, nonfinite_skipped: int
+) -> dict[str, float]:
+    """The ``metrics.jsonl`` record of a logging step (``grad_norm``: a tensor or None).
+
+    Example:
+        >>> train_record(0.5, 0.1, None, scaler_skips=0, nonfinite_skipped=2)
+        {'train/loss': 0.5, 'lr': 0.1, 'train/nonfinite_skipped': 2}
+    """
+    logs = {"train/loss": loss, "lr": lr}
+    if grad_norm is not None:
+        logs["train/grad_norm"] = grad_norm.item()
+    if scaler_skips:  # fp16: updates the GradScaler skipped
+        logs["train/skipped_updates"] = scaler_skips
+    if nonfinite_skipped:  # train.nonfinite=skip
+        logs["train/nonfinite_skipped"] = nonfinite_skipped
+    return logs
 
 
 def _jsonable(obj: Any) -> Any:

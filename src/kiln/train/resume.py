@@ -10,6 +10,8 @@
   ``resume=``, or the last checkpoint of a worker group that torchrun restarted).
 * :func:`completed_result`: the :class:`~kiln.train.finish.FitResult` of such a run, read back
   from its ``summary.json``.
+* :func:`open_run`: all of the above for a new Trainer: the run directory, the loop state it
+  starts from (restored into the parts), and its files written when there is work to do.
 
 Example:
     >>> rec = resume_record({"epoch": 1, "batch": 3, "step": 16}, Path("step-16.ckpt"), 2, False)
@@ -19,20 +21,23 @@ Example:
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kiln.config import Config
-from kiln.train import build, distributed
+from kiln.run import CHECKPOINTS, read_summary, run_dir_of_checkpoint
+from kiln.train import build, distributed, resume_policy, snapshots
+from kiln.train.build import Parts
 from kiln.train.checkpoint import resolve_checkpoint
 from kiln.train.finish import FitResult
+from kiln.train.loop_state import LoopState
 
 __all__ = [
     "completed_message",
     "completed_result",
     "locate_run",
-    "read_summary",
+    "open_run",
     "resume_record",
 ]
 
@@ -50,14 +55,14 @@ def locate_run(
     chosen: Path | None = None
     if run_dir is not None:
         chosen = Path(run_dir)
-    elif resume is not None and resume.parent.name == "checkpoints":
-        chosen = resume.parent.parent
+    elif resume is not None and run_dir_of_checkpoint(resume) is not None:
+        chosen = run_dir_of_checkpoint(resume)
     elif is_zero:
         earlier = distributed.elastic_run_dir(Path(cfg.out_dir), cfg.name)
         chosen = earlier or build.new_run_dir(cfg.out_dir, cfg.name)
     chosen = distributed.broadcast_object(chosen)
     restarted = resume is None and distributed.restart_count() > 0
-    if restarted and (chosen / "checkpoints" / "last").is_file():
+    if restarted and (chosen / CHECKPOINTS / "last").is_file():
         resume = resolve_checkpoint(chosen)
     return chosen, resume, restarted
 
@@ -76,15 +81,6 @@ def resume_record(loop: dict[str, Any], checkpoint: Path, world_size: int, elast
         "world_size": world_size,
         "elastic": elastic,  # torchrun restarted the worker group; no resume= was given
     }
-
-
-def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    """``run_dir/summary.json``, or None when it is missing or unreadable."""
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return summary if isinstance(summary, dict) else None
 
 
 def completed_message(
@@ -138,3 +134,46 @@ def completed_result(run_dir: Path, step: int) -> FitResult:
         best_checkpoint=Path(best) if best else None,
         stopped=summary.get("stopped"),
     )
+
+
+@dataclass
+class OpenedRun:
+    """Where a fit writes and what it continues from (see :func:`open_run`).
+
+    Attributes:
+        run_dir: the run directory.
+        state: the loop state to start from (fresh, or the checkpoint's).
+        complete: why a resumed run has nothing left to do, or None.
+        record: the ``metrics.jsonl`` line of this resume, or None for a fresh run.
+    """
+
+    run_dir: Path
+    state: LoopState
+    complete: str | None = None
+    record: dict[str, Any] | None = None
+
+
+def open_run(
+    cfg: Config, parts: Parts, run_dir: str | Path | None, plan: resume_policy.ResumePlan | None
+) -> OpenedRun:
+    """Find the run directory, resume into ``parts`` if asked, write the run's files.
+
+    A failed resume changes no file (it is loaded before anything is written); a complete run's
+    files stay as they are; a resume keeps ``config.yaml`` and appends to ``resumes.jsonl``.
+    """
+    world = parts.engine.world
+    where, resume, restarted = locate_run(cfg, run_dir, is_zero=world.is_zero)
+    opened = OpenedRun(where, LoopState())
+    if resume is not None:
+        opened.state, saved = snapshots.restore(parts, resume)
+        loop = saved["loop"]
+        done = completed_message(cfg, where, loop, parts.total_steps)
+        opened.complete = distributed.broadcast_object(done)  # rank 0 read summary.json
+        opened.state.resumed_from = [*saved.get("resumed_from", []), opened.state.step]
+        opened.record = resume_record(loop, resume, world.size, restarted)
+    if world.is_zero and opened.complete is None:
+        where.mkdir(parents=True, exist_ok=True)
+        if not resume_policy.record(where, plan, opened.state.step):
+            build.write_run_files(where, cfg, parts.data.info)  # a resume keeps config.yaml
+        distributed.mark_elastic_run(where)
+    return opened

@@ -1,35 +1,43 @@
 """SIGINT/SIGTERM during a fit: stop after the current update, save a checkpoint, raise.
 
-A second Ctrl-C stops at once. Only the main thread can install signal handlers; elsewhere the
+A second signal stops at once. Only the main thread can install signal handlers; elsewhere the
 context does nothing.
+
+Example:
+    >>> asked = []
+    >>> with stop_on_signals(lambda reason, interrupt: asked.append((reason, interrupt))):
+    ...     signal.raise_signal(signal.SIGTERM)
+    >>> asked
+    [('SIGTERM', True)]
 """
 
 from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from kiln.train.trainer import Trainer
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 __all__ = ["stop_on_signals"]
 
 
 @contextmanager
-def stop_on_signals(self: Trainer) -> Iterator[None]:
-    """SIGINT/SIGTERM ask the loop to stop after the current update and save."""
+def stop_on_signals(request_stop: Callable[..., None]) -> Iterator[None]:
+    """SIGINT/SIGTERM call ``request_stop(name, interrupt=True)``; a second one raises
+    ``KeyboardInterrupt`` at once. The previous handlers come back on exit.
+    """
     if threading.current_thread() is not threading.main_thread():
-        with nullcontext():
-            yield
+        yield
         return
+    received: list[str] = []
 
     def handler(signum: int, frame: Any) -> None:
-        if self._stop_reason:  # a second Ctrl-C stops at once
+        if received:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
-        self.request_stop(signal.Signals(signum).name, interrupt=True)
+        name = signal.Signals(signum).name
+        received.append(name)
+        request_stop(name, interrupt=True)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -121,6 +121,30 @@ class Techniques:
             self.freezer.check(model)
         self.early: EarlyStopping | None = None
 
+    def begin_epoch(self, model: nn.Module, optimizer: Any, epoch: int) -> list[str]:
+        """Freeze/unfreeze for ``epoch`` and let SWA take the LR over; the unfrozen names."""
+        changed = self.freezer.apply(model, epoch) if self.freezer is not None else []
+        if self.swa is not None:
+            self.swa.begin_epoch(optimizer, epoch)
+        return changed
+
+    def swa_on(self, epoch: int) -> bool:
+        """Whether SWA averages ``epoch`` (and its LR schedule replaces the run's)."""
+        return self.swa is not None and self.swa.active(epoch)
+
+    def end_epoch(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        """Average ``epoch`` into SWA when it is on; its metrics for the epoch record."""
+        if self.swa is None or not self.swa.active(epoch):
+            return {}
+        self.swa.end_epoch(model, epoch)
+        return {"swa/n_averaged": self.swa.n_averaged}
+
+    def train_mode(self, model: nn.Module, unwrapped: nn.Module) -> None:
+        """``model.train()``, keeping frozen BatchNorm layers in eval mode (``freeze.bn_eval``)."""
+        model.train()
+        if self.freezer is not None:
+            self.freezer.train_mode(unwrapped)
+
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.mixer is not None:

@@ -7,22 +7,20 @@
     for epoch in epochs:                       (resumes mid-epoch at the saved batch)
         on_epoch_start
         freeze/unfreeze for this epoch; SWA takes over the LR from its start epoch
-        for i, (x, y) in loader:               (order fixed by seed and epoch)
-            x, y = mixer(x, y)                  (mixup/cutmix: soft targets)
-            for each micro-batch of (x, y):     (one, unless auto-microbatch split it)
-                with engine.micro_step(i):      (no_sync unless this micro-step updates)
-                    with engine.autocast(): out = model(x); loss = loss_fn(out, y)
-                    engine.backward(loss)       (scaled by the group factor)
-            if update:
-                non-finite loss/grads?          (train.nonfinite: stop | skip | rollback)
-                engine.optimizer_step()         (unscale -> clip -> step -> scaler -> zero_grad)
-                ema.update(); scheduler.step()  (per-update schedules)
-                on_update_end; every log_every: on_log; every N steps: save -> on_checkpoint
+        while train_step(...) gives an update:  (kiln.train.step: fetch -> mix -> forward ->
+                                                 loss -> backward per loader batch of the
+                                                 group, then guard -> unscale/clip/step ->
+                                                 schedule -> EMA; order fixed by seed and epoch)
+            non-finite?  train.nonfinite: skip | rollback (kiln.train.guard) | stop (save, raise)
+            on_update_end; every log_every: on_log; every N steps: save -> on_checkpoint
         swa.update; epoch schedulers; validate (EMA weights) -> on_validation_end;
         early stopping; save -> on_checkpoint; on_epoch_end
     best (EMA) weights or the SWA average -> model.safetensors; test metrics -> summary.json;
     on_fit_end
     on any exception: on_exception, then re-raise (SIGINT/SIGTERM save a checkpoint first)
+
+The parts (model, optimizer, loaders...) are built by :func:`kiln.train.build.build_parts`;
+the counters a resume continues from are one :class:`~kiln.train.loop_state.LoopState`.
 
 Example:
     >>> from kiln.config import load_config
@@ -34,8 +32,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
-import math
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -45,24 +41,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from kiln.algorithms.early_stopping import EarlyStopping
 from kiln.config import Config
 from kiln.data.base import DataBundle
-from kiln.data.loader import batch_sizes, start_epoch
-from kiln.train import build, distributed, resume_policy, snapshots
+from kiln.data.loader import start_epoch
+from kiln.train import build, distributed, guard, resume_policy, snapshots
 from kiln.train.callbacks import Callbacks
 from kiln.train.checkpoint import CheckpointManager
-from kiln.train.evaluation import evaluate, monitor_mode
+from kiln.train.diagnosis import stop_error
+from kiln.train.evaluation import evaluate
+from kiln.train.final_checks import nonfinite_tensors
 from kiln.train.finish import FitResult, finish
-from kiln.train.guard import handle_nonfinite
-from kiln.train.logging import MetricsLogger, Progress, epoch_line
-from kiln.train.metrics import build_metrics
-from kiln.train.microbatch import forward_backward_or_shrink
-from kiln.train.optim import build_optimizer, build_scheduler
-from kiln.train.reproducibility import seed_everything, set_deterministic
-from kiln.train.resume import completed_message, completed_result, locate_run, resume_record
+from kiln.train.logging import MetricsLogger, Progress, epoch_line, train_record
+from kiln.train.loop_state import StopRequest
+from kiln.train.microbatch import AutoMicrobatch
+from kiln.train.resume import completed_result, open_run
 from kiln.train.signals import stop_on_signals
-from kiln.train.techniques import Techniques, check_techniques
+from kiln.train.step import epoch_schedule, mean_loss, train_step
 
 
 class TrainingInterrupted(Exception):
@@ -71,6 +65,15 @@ class TrainingInterrupted(Exception):
     def __init__(self, reason: str, checkpoint: Path | None, run_dir: Path) -> None:
         self.reason, self.checkpoint, self.run_dir = reason, checkpoint, run_dir
         super().__init__(f"stopped by {reason}; checkpoint saved to {checkpoint}")
+
+
+def _reads(holder: str, names: str) -> Any:
+    """Read-only views of ``self.<holder>.<name>`` for each of the space-separated ``names``."""
+
+    def view(name: str) -> property:
+        return property(lambda self: getattr(getattr(self, holder), name), doc=f"{holder}.{name}")
+
+    return tuple(view(n) for n in names.split())
 
 
 class Trainer:
@@ -85,6 +88,18 @@ class Trainer:
         verbose: print one line per epoch and the final summary.
     """
 
+    # What callbacks read: the parts and the loop's counters, by their usual names.
+    engine, model, optimizer, scheduler = _reads("parts", "engine model optimizer scheduler")
+    data, loss_fn, tech, metrics = _reads("parts", "data loss_fn tech metrics")
+    train_loader, val_loader, test_loader = _reads("parts", "train_loader val_loader test_loader")
+    n_batches, per_rank_batch, monitor, mode = _reads(
+        "parts", "n_batches per_rank_batch monitor mode"
+    )
+    updates_per_epoch, total_steps = _reads("parts", "updates_per_epoch total_steps")
+    epoch, batch_in_epoch, step, micro = _reads("state", "epoch batch_in_epoch step micro")
+    lr_scale, rollbacks, nonfinite_skipped = _reads("state", "lr_scale rollbacks nonfinite_skipped")
+    best, resumed_from = _reads("state", "best resumed_from")
+
     def __init__(
         self,
         cfg: Config,
@@ -95,161 +110,56 @@ class Trainer:
         run_dir: str | Path | None = None,
         verbose: bool = True,
     ) -> None:
-        self.cfg = cfg
-        self.callbacks = Callbacks(callbacks)
-        self.verbose = verbose
-        self.epoch = 0  # current epoch (0-based)
-        self.batch_in_epoch = 0  # micro-batches of this epoch already trained on
-        self.step = 0  # optimizer updates so far
-        self.best: dict[str, float] = {}
-        self._stop_reason: str | None = None
-        self._interrupt = False
-        self._multi = False
-        self.micro = 1  # micro-batches per loader batch (auto-microbatch doubles it on OOM)
-        self.lr_scale = 1.0  # LR factor from non-finite rollbacks
-        self.rollbacks = 0
-        self.nonfinite_skipped = 0
-        self._skip_streak = (-1, 0)  # (engine.updates at the last skip, skips in a row)
-        self._group_loss = torch.zeros(())  # summed loss of the current accumulation group
-        # auto-microbatch: the current group's batches, RNG state and losses length (replay)
-        self._group: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        self._group_rng: tuple[torch.Tensor, list[torch.Tensor] | None] | None = None
-        self._group_losses = 0
-        self.resumed_from: list[int] = []  # the step each resume of this run started at
-        self._resume_record: dict[str, Any] | None = None  # metrics.jsonl line of this resume
-        self.complete: str | None = None  # why a resumed run has nothing left to do
-        self._setup(model, data, run_dir)
-
-    # ------------------------------------------------------------------ setup
-
-    def _setup(self, model: nn.Module | None, data: DataBundle | None, run_dir: Any) -> None:
-        cfg = self.cfg
         if cfg.meta.enabled:
             raise ValueError(
                 "meta.enabled=true runs the meta-learning loop, not the Trainer: use "
                 "`kiln train CONFIG` or kiln.meta.runner.run_meta(cfg)"
             )
+        self.cfg, self.verbose = cfg, verbose
+        self.callbacks = Callbacks(callbacks)
+        self.stop = StopRequest()
+        self._last_train: dict[str, float] = {}  # the last logged train metrics
+        self.logger: MetricsLogger | None = None  # set by fit()
+        self.progress: Progress | None = None  # set by fit()
         # Before any work: a resume that would change what the run trains is refused.
-        self._resume_plan = resume_policy.check(cfg)
-        seed_everything(cfg.seed)
-        set_deterministic(cfg.deterministic)
-        self.data = data if data is not None else build.build_data_for(cfg)
-        info = self.data.info
-        self.engine = build.engine_for(cfg)
-        world = self.engine.world
-        self.is_zero = world.is_zero
-        self._multi = world.size > 1
-        check_techniques(cfg, info, strategy=self.engine.strategy, world=world.size)
-        model = model if model is not None else build.build_model_for(cfg, info)
-        if cfg.train.activation_checkpointing:
-            from kiln.algorithms.activation_checkpointing import apply_activation_checkpointing
-
-            targets = cfg.train.activation_checkpointing
-            apply_activation_checkpointing(model, None if targets is True else targets)
-        epochs = cfg.train.epochs
-        self.tech = Techniques(cfg, info, model, epochs=epochs, rank=world.rank)
-        freezer = self.tech.freezer
-        if freezer is not None and not freezer.dynamic:
-            freezer.apply(model, epoch=0)  # before wrapping and the optimizer: both skip them
-        # FSDP2 shards the model in place; a plain copy rebuilds the best weights at the end.
-        self.template = copy.deepcopy(model) if self.engine.strategy == "fsdp" else model
-        self.model, _ = self.engine.setup(model)
-        self.optimizer = build_optimizer(self.engine.model, cfg.optim)  # type: ignore[arg-type]
-        self.loss_fn = build.loss_for(cfg, self.data)
-        build.add_loss_parameters(self.optimizer, self.loss_fn, self.engine.device, world.size)
-        if freezer is not None and freezer.dynamic:
-            # Unfrozen later, so they stay in the optimizer; with no grad they get no update.
-            freezer.apply(model, epoch=0)
-        dev = self.engine.device
-        self.train_loader, self.val_loader, self.test_loader = build.loaders_for(
-            cfg,
-            self.data,
-            device=dev,
-            rank=world.rank,
-            world=world.size,
-            fsdp=self.engine.strategy == "fsdp",
-        )
-        per_rank = build.per_rank_batch(cfg, world.size)
-        sizes = batch_sizes(len(self.train_loader.sampler), per_rank, cfg.data.drop_last)  # type: ignore[arg-type]
-        if not sizes:
-            raise ValueError(
-                f"the train split has {len(self.data.train)} examples, fewer than one batch of "  # type: ignore[arg-type]
-                f"{cfg.data.batch_size} with drop_last; lower data.batch_size"
+        plan = resume_policy.check(cfg)
+        self.parts = build.build_parts(cfg, model, data)
+        self.auto = None
+        if cfg.train.auto_microbatch:
+            say = self._say if verbose and self.is_zero else None
+            self.auto = AutoMicrobatch(
+                self.parts.per_rank_batch, accumulate=self.engine.accumulate, say=say
             )
-        self.n_batches = len(sizes)
-        self.per_rank_batch = per_rank
-        self.updates_per_epoch = math.ceil(self.n_batches / cfg.train.accumulate)
-        self.total_steps = cfg.train.max_steps or self.updates_per_epoch * cfg.train.epochs
-        self.scheduler = build_scheduler(
-            self.optimizer,
-            cfg.scheduler,
-            steps_per_epoch=self.updates_per_epoch,
-            epochs=cfg.train.epochs,
-            total_steps=self.total_steps,
-        )
-        self.metrics = build_metrics(info, device=dev, top_k=cfg.train.top_k, sync=world.size > 1)
-        monitor = cfg.checkpoint.monitor
-        if self.val_loader is None and monitor.startswith("val/"):
-            monitor = "train/" + monitor.split("/", 1)[1]
-        self.monitor = monitor
-        self.mode = monitor_mode(monitor, cfg.checkpoint.mode)
-        es = cfg.early_stop
-        if es.enabled:
-            self.early_monitor = es.monitor or monitor
-            if not self.early_monitor.startswith("val/") or self.val_loader is None:
-                raise ValueError(
-                    f"early_stop monitors a validation metric (got {self.early_monitor!r}); "
-                    "set data.val_fraction > 0 and early_stop.monitor=val/<metric>"
-                )
-            self.tech.early = EarlyStopping(
-                mode=monitor_mode(self.early_monitor, es.mode),
-                patience=es.patience,
-                min_delta=es.min_delta,
-            )
-        self.run_dir, resume, restarted = locate_run(cfg, run_dir, is_zero=self.is_zero)
-        if resume is not None:  # before writing anything: a failed resume changes no file
-            self._resume_from(resume, elastic=restarted)
-        if self.is_zero and self.complete is None:  # a complete run's files stay as they are
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if not resume_policy.record(self.run_dir, self._resume_plan, self.step):
-                build.write_run_files(self.run_dir, cfg, info)  # a resume keeps config.yaml
-            distributed.mark_elastic_run(self.run_dir)
+        opened = open_run(cfg, self.parts, run_dir, plan)
+        self.run_dir, self.state, self.complete = opened.run_dir, opened.state, opened.complete
+        self._resume_record = opened.record  # the metrics.jsonl line of this resume
+        ck = cfg.checkpoint
         self.ckpts = CheckpointManager(
             self.run_dir / "checkpoints",
-            keep_last=cfg.checkpoint.keep_last,
-            keep_best=cfg.checkpoint.keep_best,
+            keep_last=ck.keep_last,
+            keep_best=ck.keep_best,
             mode=self.mode,
         )
 
-    def _resume_from(self, path: Path, *, elastic: bool) -> None:
-        saved = snapshots.restore(self, path)
-        loop = saved["loop"]
-        done = completed_message(self.cfg, self.run_dir, loop, self.total_steps)
-        self.complete = distributed.broadcast_object(done)  # rank 0 read summary.json
-        self.resumed_from = [*saved.get("resumed_from", []), self.step]
-        world = self.engine.world.size
-        self._resume_record = resume_record(loop, path, world, elastic)
+    @property
+    def is_zero(self) -> bool:
+        """Whether this process is rank 0 (the one that writes files)."""
+        return bool(self.parts.engine.world.is_zero)
+
+    def _say(self, line: str) -> None:
+        if self.progress is not None and self.progress.enabled:
+            self.progress.print(line)
+        else:
+            print(line, flush=True)
 
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit for bit (DESIGN.md rule 5); see ``snapshots``."""
-        return snapshots.capture(self, self.step)
+        return snapshots.capture(self.parts, self.state, self.cfg, self.ckpts.dir)
 
     def _should_stop(self) -> bool:
-        """Whether to stop now; under several processes all ranks agree (one all-reduce).
-
-        Called at logging steps and epoch ends only, so there is no per-step host sync.
-        """
-        if not self._multi:
-            return self._stop_reason is not None
-        flags = [1.0 if self._stop_reason else 0.0, 1.0 if self._interrupt else 0.0]
-        agreed = distributed.all_reduce_max(torch.tensor(flags, device=self.engine.device))
-        stop, interrupt = (bool(v) for v in agreed.tolist())
-        if stop and not self._stop_reason:
-            self._stop_reason = "another rank's stop request"
-        self._interrupt = interrupt
-        return stop
+        return self.stop.agree(self.engine.world.size, self.engine.device)
 
     def request_stop(self, reason: str = "request", *, interrupt: bool = False) -> None:
         """Stop at the next logging step or epoch end (callbacks may call this).
@@ -258,240 +168,206 @@ class Trainer:
         ``on_fit_end``. With ``interrupt=True`` (what SIGINT/SIGTERM do) Kiln saves a checkpoint
         and raises :class:`TrainingInterrupted`, so the run can be resumed.
         """
-        self._stop_reason = reason
-        self._interrupt = self._interrupt or interrupt
+        self.stop.request(reason, interrupt=interrupt)
 
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> FitResult:
         """Train, validate, checkpoint; return the best metrics and the test metrics."""
-        cfg = self.cfg
+        cfg, engine = self.cfg, self.parts.engine
         if self.complete is not None:  # resumed a finished run: say so, write nothing
-            if self.engine.owns_group:
-                self.engine.close()
+            if engine.owns_group:
+                engine.close()
             if self.verbose and self.is_zero:
                 print(self.complete, flush=True)
-            return completed_result(self.run_dir, self.step)
+            return completed_result(self.run_dir, self.state.step)
         self.logger = MetricsLogger(
             self.run_dir, tensorboard=cfg.log.tensorboard, enabled=self.is_zero
         )
         if self._resume_record is not None:  # where this process starts, before any update
-            self.logger.log(self._resume_record, step=self.step)
+            self.logger.log(self._resume_record, step=self.state.step)
         shown = cfg.log.progress if self.is_zero else False
-        progress = Progress(self.total_steps, enabled=shown, initial=self.step)
+        self.progress = Progress(self.total_steps, enabled=shown, initial=self.state.step)
+        # Anomaly mode (debugging): a NaN produced in backward raises, naming the op and the
+        # forward line that created it. It slows every step, so it is off by default.
+        anomaly = (
+            torch.autograd.set_detect_anomaly(True, check_nan=True)
+            if cfg.detect_anomaly
+            else nullcontext()
+        )
         try:
-            # Anomaly mode (debugging): a NaN produced in backward raises, naming the op and
-            # the forward line that created it. It slows every step, so it is off by default.
-            anomaly = (
-                torch.autograd.set_detect_anomaly(True, check_nan=True)
-                if cfg.detect_anomaly
-                else nullcontext()
-            )
-            with stop_on_signals(self), progress, anomaly:
-                self.progress = progress
-                if self.cfg.train.nonfinite == "rollback" and self.ckpts.last() is None:
+            with stop_on_signals(self.request_stop), self.progress, anomaly:
+                if cfg.train.nonfinite == "rollback" and self.ckpts.last() is None:
                     self._save()  # a state to roll back to before the first update
                 self.callbacks.fire("on_fit_start", self)
                 # train.max_steps, when set, decides the length (epochs are then unbounded).
-                while self.step < self.total_steps and (
-                    cfg.train.max_steps or self.epoch < cfg.train.epochs
+                while self.state.step < self.total_steps and (
+                    cfg.train.max_steps or self.state.epoch < cfg.train.epochs
                 ):
                     self._train_epoch()
                     if self._should_stop():
                         break
-            if self._should_stop() and self._interrupt:
+            if self._should_stop() and self.stop.interrupt:
                 path = self._save()
-                raise TrainingInterrupted(self._stop_reason or "stop", path, self.run_dir)
-            result = finish(self)
+                raise TrainingInterrupted(self.stop.reason or "stop", path, self.run_dir)
+            # The final position; a non-finite one must not push out a finite one. Sharded
+            # FSDP models are saved anyway (ranks must agree; weights are checked when written).
+            finite = snapshots.sharded(engine) or not nonfinite_tensors(engine.model)  # type: ignore[arg-type]
+            if (self.state.batch_in_epoch or not cfg.checkpoint.every_epoch) and finite:
+                self._save()
+            result = finish(
+                cfg,
+                self.parts,
+                self.state,
+                run_dir=self.run_dir,
+                ckpts=self.ckpts,
+                logger=self.logger,
+                stopped=self.stop.reason,
+            )
         except BaseException as exc:
             self.callbacks.fire("on_exception", self, exc)
-            if self.engine.owns_group and self.engine.world.size == 1:
-                self.engine.close()  # a private group of one: nothing to wait for
+            if engine.owns_group and engine.world.size == 1:
+                engine.close()  # a private group of one: nothing to wait for
             raise  # a group shared with other ranks dies with the process (torchrun decides)
         finally:
             self.logger.close()
-        if self.engine.owns_group:
-            self.model = self.engine.model  # type: ignore[assignment]
-            self.engine.close()
+        if engine.owns_group:
+            self.parts.model = engine.model  # type: ignore[assignment]
+            engine.close()
         self.callbacks.fire("on_fit_end", self, result)
         return result
 
     def _train_epoch(self) -> None:
-        cfg, engine, opt, tech = self.cfg, self.engine, self.optimizer, self.tech
-        epoch = self.epoch
-        start_epoch(self.train_loader, epoch, self.batch_in_epoch)
-        if tech.freezer is not None:
-            changed = tech.freezer.apply(engine.model, epoch)  # type: ignore[arg-type]
-            if changed and self.verbose and self.is_zero:
-                print(f"epoch {epoch + 1}: unfroze {len(changed)} parameter tensors", flush=True)
-        swa_on = tech.swa is not None and tech.swa.active(epoch)
-        if tech.swa is not None:
-            tech.swa.begin_epoch(opt, epoch)
+        cfg, parts, state = self.cfg, self.parts, self.state
+        tech, epoch = parts.tech, state.epoch
+        start_epoch(parts.train_loader, epoch, state.batch_in_epoch)
+        changed = tech.begin_epoch(self.engine.model, parts.optimizer, epoch)
+        if changed and self.verbose and self.is_zero:
+            print(f"epoch {epoch + 1}: unfroze {len(changed)} parameter tensors", flush=True)
         self.callbacks.fire("on_epoch_start", self, epoch)
         t0 = time.perf_counter()
-        # Detached losses since the last log: no graph kept, no host sync until logging.
-        losses: list[torch.Tensor] = []
-        every_ckpt = cfg.checkpoint.every_n_steps
-        sched = self.scheduler
-        step_schedule = sched if sched is not None and sched.interval == "step" else None
-        if swa_on:
-            step_schedule = None  # SWALR owns the learning rate from here on
-        self._train_mode()
-        for i, batch in enumerate(self.train_loader, self.batch_in_epoch):
-            x, y = engine.to_device(batch)
-            if tech.mixer is not None:
-                x, y = tech.mixer(x, y, epoch=epoch)
-            if cfg.train.auto_microbatch:
-                update = forward_backward_or_shrink(self, i, x, y, losses)
-            else:
-                update = self._forward_backward(i, x, y, losses)
-            self.batch_in_epoch = i + 1
-            if not update:
+        losses: list[torch.Tensor] = []  # detached, since the last log: no graph, no host read
+        sched = parts.scheduler
+        # SWALR owns the learning rate from the SWA start epoch on.
+        schedule = sched if sched and sched.interval == "step" and not tech.swa_on(epoch) else None
+        guarded, multi = cfg.train.nonfinite != "ignore", self.engine.world.size > 1
+        tech.train_mode(parts.model, self.engine.model)
+        batches = enumerate(parts.train_loader, state.batch_in_epoch)
+        while True:
+            log_now = (state.step + 1) % cfg.train.log_every == 0
+            r = train_step(
+                parts,
+                batches,
+                losses,
+                epoch=epoch,
+                step=state.step,
+                micro=state.micro,
+                guard=guarded,
+                grad_norm=log_now,
+                schedule=schedule,
+                auto=self.auto,
+            )
+            if r is None:
+                break
+            state.batch_in_epoch, state.micro = r.batch, r.micro
+            if not r.finite:
+                if self._nonfinite(r.x):
+                    return  # rolled back: the loop continues from the restored checkpoint
                 continue
-            if cfg.train.nonfinite != "ignore" and not self._finite_update():
-                if handle_nonfinite(self, x) == "rollback":
-                    return  # the loop continues from the restored checkpoint
-                continue
-            log_now = (self.step + 1) % cfg.train.log_every == 0
-            grad_norm = engine.optimizer_step(opt, grad_norm=log_now)
-            if step_schedule is not None and engine.last_step_taken:
-                step_schedule.step()
-            self.step += 1
-            if tech.ema is not None and self.step % tech.ema_every == 0:
-                tech.ema.update(engine.model)  # type: ignore[arg-type]
-            self.callbacks.fire("on_update_end", self, self.step)
+            state.step += 1
+            self.callbacks.fire("on_update_end", self, state.step)
             if log_now:
-                self._log_train(torch.stack(losses).float().mean(), grad_norm)
+                self._log_train(mean_loss(losses, self.engine.world.size), r.grad_norm)
                 losses.clear()
-            self.progress.update(self.step)
-            if every_ckpt and self.step % every_ckpt == 0:
+            self.progress.update(state.step)  # type: ignore[union-attr]
+            every = cfg.checkpoint.every_n_steps
+            if every and state.step % every == 0:
                 self._save()
             # Under several processes a stop is agreed at logging steps (no per-step sync).
-            if self.step >= self.total_steps or (
-                (log_now or not self._multi) and self._should_stop()
-            ):
+            if state.step >= self.total_steps or ((log_now or not multi) and self._should_stop()):
                 break
-        if self.batch_in_epoch == self.n_batches:
+        if state.batch_in_epoch == parts.n_batches:
             self._end_epoch(time.perf_counter() - t0)
 
-    def _train_mode(self) -> None:
-        self.model.train()
-        if self.tech.freezer is not None:
-            self.tech.freezer.train_mode(self.engine.model)  # type: ignore[arg-type]
-
-    def _forward_backward(
-        self, i: int, x: torch.Tensor, y: torch.Tensor, losses: list[torch.Tensor]
-    ) -> bool:
-        """Forward and backward of loader batch ``i``; True when it ends an accumulation group.
-
-        The batch runs as ``self.micro`` micro-batches (one unless auto-microbatch split it),
-        each weighted by the Engine by its share of the group's samples, so the gradient is the
-        same.
-        """
-        engine, model, loss_fn, n = self.engine, self.model, self.loss_fn, self.n_batches
-        # The loss is checked only under fp16 (a NaN loss already makes the fp32/bf16 grads NaN).
-        check = self.cfg.train.nonfinite != "ignore" and engine.precision.kind == "fp16"
-        if self.micro == 1:
-            pieces: Sequence[tuple[torch.Tensor, torch.Tensor]] = ((x, y),)
-        else:
-            size = math.ceil(self.per_rank_batch / self.micro)
-            pieces = list(zip(x.split(size), y.split(size), strict=True))
-        last = len(pieces) - 1
-        update = engine.is_update(i, n)
-        for j, (xb, yb) in enumerate(pieces):
-            with engine.micro_step(i, n, size=len(xb), update=update and j == last):
-                with engine.autocast():
-                    out = model(xb)
-                    loss = loss_fn(out, yb)
-                engine.backward(loss)
-            losses.append(loss.detach())
-            if check:  # the group's summed loss, checked on device at the update
-                first = j == 0 and i % engine.accumulate == 0
-                self._group_loss = loss.detach() if first else self._group_loss + loss.detach()
-        return update
-
-    def _finite_update(self) -> bool:
-        """Whether the group's loss and gradients are finite (one host sync per update)."""
-        fp16 = self.engine.precision.kind == "fp16"
-        return self.engine.grads_finite(self.optimizer, self._group_loss if fp16 else None)
+    def _nonfinite(self, x: Any) -> bool:
+        """Apply ``train.nonfinite`` to a bad update (see ``guard``); True when rolled back."""
+        cfg, parts, state = self.cfg.train, self.parts, self.state
+        v = guard.verdict(cfg, state, parts.engine.updates)
+        state.skip_streak = v.streak
+        if v.action == "skip":
+            guard.skip(parts, state)
+            return False
+        if v.action == "rollback":
+            last = self.ckpts.last()
+            self.state = state = guard.rollback(parts, state, last, factor=cfg.rollback_lr_factor)
+            if self.verbose and self.is_zero and last is not None:
+                print(guard.rollback_line(last, state, cfg.max_rollbacks), flush=True)
+            self.logger.log({"train/rollbacks": state.rollbacks}, step=state.step)  # type: ignore[union-attr]
+            return True
+        raise stop_error(parts, state, x, save=self._save, advice=v.advice)
 
     def _end_epoch(self, seconds: float) -> None:
-        cfg, tech = self.cfg, self.tech
-        metrics: dict[str, float] = {"epoch": self.epoch + 1, "epoch_time_s": round(seconds, 3)}
-        swa_on = tech.swa is not None and tech.swa.active(self.epoch)
-        if tech.swa is not None and swa_on:
-            tech.swa.end_epoch(self.engine.model, self.epoch)  # type: ignore[arg-type]
-            metrics["swa/n_averaged"] = tech.swa.n_averaged
-        if hasattr(self.loss_fn, "task_weights"):  # multi-task: the learned weight of each task
-            metrics.update({f"task_weight/{k}": v for k, v in self.loss_fn.task_weights().items()})
+        cfg, parts, state = self.cfg, self.parts, self.state
+        tech = parts.tech
+        metrics: dict[str, float] = {"epoch": state.epoch + 1, "epoch_time_s": round(seconds, 3)}
+        swa_on = tech.swa_on(state.epoch)
+        metrics.update(tech.end_epoch(self.engine.model, state.epoch))
+        if hasattr(parts.loss_fn, "task_weights"):  # multi-task: the learned weight of each task
+            metrics.update({f"task_weight/{k}": v for k, v in parts.loss_fn.task_weights().items()})
         val: dict[str, float] = {}
-        if self.val_loader is not None and (self.epoch + 1) % cfg.train.val_every == 0:
+        if parts.val_loader is not None and (state.epoch + 1) % cfg.train.val_every == 0:
             val = self.validate()
             metrics.update({f"val/{k}": v for k, v in val.items()})
-        if self.scheduler is not None and not swa_on:
-            if self.scheduler.interval == "epoch":
-                self.scheduler.step()
-            elif self.scheduler.interval == "plateau" and val:
-                self.scheduler.step(val[self.monitor.split("/", 1)[1]])
-        if tech.early is not None and val:
-            reason = tech.early.check(self.early_monitor, val)
+        epoch_schedule(None if swa_on else parts.scheduler, val, parts.monitor)
+        if tech.early is not None and val and parts.early_monitor:
+            reason = tech.early.check(parts.early_monitor, val)
             if reason is not None:
                 self.request_stop(reason)
-        self.epoch += 1
-        self.batch_in_epoch = 0
-        self.logger.log(metrics, step=self.step)
+        state.epoch += 1
+        state.batch_in_epoch = 0
+        self.logger.log(metrics, step=state.step)  # type: ignore[union-attr]
         if self.verbose and self.is_zero:
-            line = epoch_line(self.epoch, cfg.train.epochs, self.step, metrics, seconds)
-            if self.nonfinite_skipped:
-                line += f"  skipped {self.nonfinite_skipped} non-finite updates"
-            if self.progress.enabled:
-                self.progress.print(line)
-            else:
-                print(line, flush=True)
+            line = epoch_line(state.epoch, cfg.train.epochs, state.step, metrics, seconds)
+            if state.nonfinite_skipped:
+                line += f"  skipped {state.nonfinite_skipped} non-finite updates"
+            self._say(line)
         if cfg.checkpoint.every_epoch:
-            self._save(metrics.get(self.monitor))
-        self.callbacks.fire("on_epoch_end", self, self.epoch, metrics)
+            self._save(metrics.get(parts.monitor))
+        self.callbacks.fire("on_epoch_end", self, state.epoch, metrics)
 
     def validate(self) -> dict[str, float]:
         """Metrics on the validation split (fires ``on_validation_end``)."""
-        assert self.val_loader is not None
-        ema = self.tech.ema if self.cfg.ema.evaluate else None
-        with ema.swapped(self.engine.model) if ema is not None else nullcontext():  # type: ignore[arg-type]
-            val = evaluate(self.model, self.val_loader, self.loss_fn, self.engine, self.metrics)
+        parts = self.parts
+        assert parts.val_loader is not None
+        ema = parts.tech.ema if self.cfg.ema.evaluate else None
+        with ema.swapped(parts.engine.model) if ema is not None else nullcontext():  # type: ignore[arg-type]
+            val = evaluate(
+                parts.model, parts.val_loader, parts.loss_fn, parts.engine, parts.metrics
+            )
         self.callbacks.fire("on_validation_end", self, val)
         return val
 
-    def _log_train(self, mean_loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
-        if self._multi:  # every rank logs at the same step: average the ranks' losses
-            mean_loss = distributed.all_reduce_sum(mean_loss.clone()) / self.engine.world.size
-        logs = {"train/loss": mean_loss.item(), "lr": self.optimizer.param_groups[0]["lr"]}
-        if grad_norm is not None:
-            logs["train/grad_norm"] = grad_norm.item()
-        if self.engine.skipped:
-            logs["train/skipped_updates"] = self.engine.skipped
-        if self.nonfinite_skipped:
-            logs["train/nonfinite_skipped"] = self.nonfinite_skipped
+    def _log_train(self, loss: float, grad_norm: torch.Tensor | None) -> None:
+        state, lr = self.state, self.optimizer.param_groups[0]["lr"]
+        skipped = state.nonfinite_skipped
+        logs = train_record(
+            loss, lr, grad_norm, scaler_skips=self.engine.skipped, nonfinite_skipped=skipped
+        )
         self._last_train = logs
-        self.logger.log(logs, step=self.step)
-        shown = {"loss": logs["train/loss"]}
-        if self.nonfinite_skipped:  # train.nonfinite=skip: how many updates were dropped
-            shown["skipped"] = self.nonfinite_skipped
-        self.progress.update(self.step, shown, force=True)
+        self.logger.log(logs, step=state.step)  # type: ignore[union-attr]
+        shown = {"loss": loss, "skipped": skipped} if skipped else {"loss": loss}
+        self.progress.update(state.step, shown, force=True)  # type: ignore[union-attr]
         self.callbacks.fire("on_log", self, logs)
 
     def _save(self, metric: float | None = None) -> Path:
-        if metric is None and self.monitor.startswith("train/"):
-            metric = getattr(self, "_last_train", {}).get(self.monitor)
-        if metric is not None and self._is_better(metric):
-            self.best = {"step": self.step, self.monitor: metric}
-        state = self.state_dict()  # a collective under several processes
-        path = self.ckpts.dir / f"step-{self.step}.ckpt"
+        state, monitor = self.state, self.parts.monitor
+        if metric is None and monitor.startswith("train/"):
+            metric = self._last_train.get(monitor)
+        state.record_best(monitor, metric, self.parts.mode)
+        snapshot = self.state_dict()  # a collective under several processes
+        path = self.ckpts.dir / f"step-{state.step}.ckpt"
         if self.is_zero:
-            path = self.ckpts.save(state, step=self.step, metric=metric)
+            path = self.ckpts.save(snapshot, step=state.step, metric=metric)
         distributed.barrier()  # no rank runs ahead of a checkpoint that is still being written
         self.callbacks.fire("on_checkpoint", self, path)
         return path
-
-    def _is_better(self, metric: float) -> bool:
-        old = self.best.get(self.monitor)
-        return old is None or (metric < old if self.mode == "min" else metric > old)
