@@ -96,7 +96,7 @@ def test_rollback_restores_the_checkpoint_and_returns_its_state(parts, make_cfg,
     assert (back.step, back.batch_in_epoch, back.best) == (2, 2, {"step": 2})
     assert (back.rollbacks, back.nonfinite_skipped, back.resumed_from) == (2, 3, [1])
     assert back.lr_scale == pytest.approx(0.05)
-    # the checkpoint's LR was already x0.5; now it is x0.05 of the configured one
+    # The checkpoint's LRs count as x0.5 already: x0.05 overall is x0.1 of them.
     assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(lr * 0.1)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
