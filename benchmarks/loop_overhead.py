@@ -1,7 +1,9 @@
-"""Claim: Kiln's Trainer costs <= 1.03x a hand-written PyTorch loop per optimizer step.
+"""Claim: Kiln's Trainer costs <= 1.03x, the Engine <= 1.02x, a same-kernel PyTorch loop per step.
 
 Same model, data, seed, number of optimizer steps, SGD (lr 0.05, momentum 0.9), batch 64, fp32,
-one torch thread; each measurement in its own process pinned to one core. Two cases:
+one torch thread; each measurement in its own process pinned to one core. Every ratio is printed
+against both baselines: ``raw`` (the loop guides teach) and ``raw_fused`` (the same kernels and
+data path as Kiln, so the ratio is Kiln's own Python). Two cases:
 
 * ``mlp``: MLP 64-256-256-10 on digits 8x8 (standardised): compute-bound;
 * ``linear``: Linear(64, 10) on the same data: overhead-bound (most of a step is Python).
@@ -10,19 +12,28 @@ Loops compared (``--loops``):
 
 * ``raw``: the loop PyTorch guides teach: ``TensorDataset`` + ``DataLoader(shuffle=True)``
   (per-sample indexing + ``default_collate``), ``torch.optim.SGD`` with its default
-  implementation (CPU: a per-parameter for-loop). The baseline of every ratio.
+  implementation (CPU: a per-parameter for-loop). The first baseline.
 * ``raw_gather``: the same loop, batches gathered with one index op per batch
   (``perm = randperm(n)``; ``x[perm[i:i+64]]``), which is what Kiln's loader does for in-memory
   data (``ArrayDataset.__getitems__`` + a pass-through collate).
 * ``raw_fused``: ``raw_gather`` plus ``SGD(fused=True)``, the optimizer kernel Kiln picks
   (``kiln.train.optim.build_optimizer``). Same kernels as Kiln: the difference is Kiln's Python.
+  The second baseline, the one the targets are stated against.
 * ``kiln``: ``kiln.Trainer(cfg, model=..., data=DataBundle(ArrayDataset(x, y), None, None, info))``
-  with no validation, test split, checkpoints, TensorBoard or progress bar in the loop, and
-  ``train.log_every`` larger than the run (no ``.item()``).
+  (Kiln's built-in in-memory data) with no validation, test split, checkpoints, TensorBoard or
+  progress bar in the loop, ``train.log_every`` larger than the run (no ``.item()``), and the
+  default non-finite guard (``train.nonfinite=stop``) on. ``kiln_unguarded`` (only when named in
+  ``--loops``): the same with ``train.nonfinite=ignore``, which prices the guard.
+* ``fit_tensor``: ``kiln.fit(model=..., data=TensorDataset(x, y), config=...)``: the user's own
+  dataset, same settings as ``kiln`` (``data.val_fraction=0 data.test_fraction=0``).
+* ``engine``: ``kiln.Engine`` in a user's loop (``to_device``, ``micro_step``, ``autocast``,
+  ``backward``, ``optimizer_step``), the ``raw_fused`` data path and optimizer; no guard.
 * ``lightning``: ``lightning.Trainer`` (logger, checkpointing, progress bar, model summary and
-  sanity validation off; cpu, 1 device) over the ``raw`` DataLoader and default SGD. Runs only
-  when ``import lightning`` works in this interpreter or in ``--lightning-python`` (default
-  ``.venv-bench/bin/python``); see benchmarks/README.md for the separate venv.
+  sanity validation off; cpu, 1 device) over the ``raw`` DataLoader and default SGD.
+* ``lightning_fused``: the same Trainer on the ``raw_fused`` basis: batches gathered with one index
+  op per batch and ``SGD(fused=True)``. Both Lightning loops run only when ``import lightning``
+  works in this interpreter or in ``--lightning-python`` (default ``.venv-bench/bin/python``);
+  see benchmarks/README.md for the separate venv.
 
 What is timed: wall time from the end of the first epoch's last update to the end of the last
 update, divided by the updates in between (the first epoch is a warm-up). That covers whole
@@ -31,7 +42,7 @@ excludes process start, imports, setup and everything after the last update (Kil
 save). Kiln and Lightning are timed by a callback (``on_update_end`` / ``on_train_batch_end``)
 that only compares the step counter and reads the clock twice.
 
-Run:  .venv/bin/python benchmarks/loop_overhead.py            (about 2.5 minutes; --isolate: 4)
+Run:  .venv/bin/python benchmarks/loop_overhead.py            (about 5 minutes; --isolate: 8)
       .venv/bin/python benchmarks/loop_overhead.py --quick    (smoke test, < 30 s, in-process)
 """
 
@@ -40,6 +51,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -49,9 +61,22 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
 
-LOOPS = ("raw", "raw_gather", "raw_fused", "kiln", "lightning")
+LOOPS = (
+    "raw",
+    "raw_gather",
+    "raw_fused",
+    "kiln",
+    "fit_tensor",
+    "engine",
+    "lightning",
+    "lightning_fused",
+)
+EXTRA_LOOPS = ("kiln_unguarded",)  # diagnostics, only when named in --loops
+LIGHTNING = ("lightning", "lightning_fused")
+BASELINES = ("raw", "raw_fused")
+TARGETS = {"kiln": 1.03, "fit_tensor": 1.03, "engine": 1.02}  # against raw_fused
 CASES = ("mlp", "linear")
-DEFAULT_EPOCHS = {"mlp": 30, "linear": 60}
+DEFAULT_EPOCHS = {"mlp": 60, "linear": 120}
 LR, MOMENTUM, BATCH = 0.05, 0.9, 64
 LIGHTNING_HINT = (
     "python -m venv .venv-bench && .venv-bench/bin/pip install torch==2.13.0 && "
@@ -115,6 +140,29 @@ class Clock:
 # ---------------------------------------------------------------------------- the loops
 
 
+class GatherLoader:
+    """One index op per batch over a fresh permutation each epoch: the ``raw_fused`` data path."""
+
+    def __init__(self, x: Any, y: Any) -> None:
+        import torch
+
+        self.x, self.y = x, y
+        self.g = torch.Generator()
+        self.g.manual_seed(0)
+
+    def __len__(self) -> int:
+        return -(-len(self.x) // BATCH)
+
+    def __iter__(self) -> Any:
+        import torch
+
+        n, x, y = len(self.x), self.x, self.y
+        perm = torch.randperm(n, generator=self.g)
+        for s in range(0, n, BATCH):
+            idx = perm[s : s + BATCH]
+            yield x[idx], y[idx]
+
+
 def run_raw(model: Any, x: Any, y: Any, epochs: int, clock: Clock, loop: str) -> None:
     import torch
     import torch.nn.functional as F
@@ -135,14 +183,9 @@ def run_raw(model: Any, x: Any, y: Any, epochs: int, clock: Clock, loop: str) ->
                 step += 1
                 clock.tick(step)
         return
-    n = len(x)
-    g = torch.Generator()
-    g.manual_seed(0)
+    loader = GatherLoader(x, y)
     for _ in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        for s in range(0, n, BATCH):
-            idx = perm[s : s + BATCH]
-            xb, yb = x[idx], y[idx]
+        for xb, yb in loader:
             loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -151,47 +194,103 @@ def run_raw(model: Any, x: Any, y: Any, epochs: int, clock: Clock, loop: str) ->
             clock.tick(step)
 
 
-def run_kiln(model: Any, x: Any, y: Any, epochs: int, clock: Clock, out_dir: str) -> Any:
+def run_engine(model: Any, x: Any, y: Any, epochs: int, clock: Clock) -> Any:
+    """``kiln.Engine`` in a user's loop, on the ``raw_fused`` data path and optimizer."""
+    import torch
+    import torch.nn.functional as F
+
+    import kiln
+
+    engine = kiln.Engine(device="cpu")
+    model, _ = engine.setup(model)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, fused=True)
+    model.train()
+    loader = GatherLoader(x, y)
+    n = len(loader)
+    step = 0
+    for _ in range(epochs):
+        for i, batch in enumerate(loader):
+            xb, yb = engine.to_device(batch)
+            with engine.micro_step(i, n) as update:
+                with engine.autocast():
+                    loss = F.cross_entropy(model(xb), yb)
+                engine.backward(loss)
+            if update:
+                engine.optimizer_step(opt)
+                step += 1
+                clock.tick(step)
+    return engine.model
+
+
+def kiln_overrides(out_dir: str, epochs: int, guard: bool = True) -> list[str]:
+    """The Trainer's settings: nothing but the loop in the timed region (the guard stays on)."""
+    return [
+        f"out_dir={out_dir}",
+        "name=loop_overhead",
+        "seed=0",
+        "device=cpu",
+        "precision=fp32",
+        "optim.name=sgd",
+        f"optim.lr={LR}",
+        f"optim.momentum={MOMENTUM}",
+        "optim.weight_decay=0",
+        "scheduler.name=none",
+        f"data.batch_size={BATCH}",
+        "data.val_fraction=0",
+        "data.test_fraction=0",
+        f"train.epochs={epochs}",
+        "train.log_every=100000000",
+        "checkpoint.every_epoch=false",
+        "log.tensorboard=false",
+        "log.progress=false",
+        # the default guard, named: the targets hold with it on
+        f"train.nonfinite={'stop' if guard else 'ignore'}",
+    ]
+
+
+class KilnTimer:
+    """Reads the clock at the update that ends the warm-up epoch and at the last one."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+
+    def on_update_end(self, trainer: Any, step: int) -> None:
+        self.clock.tick(step)
+
+
+def run_fit_tensor(model: Any, x: Any, y: Any, epochs: int, clock: Clock, out_dir: str) -> Any:
+    """``kiln.fit`` on the user's own ``TensorDataset`` (no val/test split: all rows train)."""
+    from torch.utils.data import TensorDataset
+
+    import kiln
+
+    result = kiln.fit(
+        model=model,
+        data=TensorDataset(x, y),
+        overrides=kiln_overrides(out_dir, epochs),
+        callbacks=[KilnTimer(clock)],
+        verbose=False,
+    )
+    del result
+    return model
+
+
+def run_kiln(
+    model: Any, x: Any, y: Any, epochs: int, clock: Clock, out_dir: str, guard: bool = True
+) -> Any:
     from kiln.config import load_config
     from kiln.data.base import ArrayDataset, DataBundle, DataInfo
     from kiln.train.trainer import Trainer
 
-    cfg = load_config(
-        None,
-        [
-            f"out_dir={out_dir}",
-            "name=loop_overhead",
-            "seed=0",
-            "device=cpu",
-            "precision=fp32",
-            "optim.name=sgd",
-            f"optim.lr={LR}",
-            f"optim.momentum={MOMENTUM}",
-            "optim.weight_decay=0",
-            "scheduler.name=none",
-            f"data.batch_size={BATCH}",
-            "data.val_fraction=0",
-            "data.test_fraction=0",
-            f"train.epochs={epochs}",
-            "train.log_every=100000000",
-            "checkpoint.every_epoch=false",
-            "log.tensorboard=false",
-            "log.progress=false",
-        ],
-    )
+    cfg = load_config(None, kiln_overrides(out_dir, epochs, guard))
     info = DataInfo("classification", (64,), num_classes=10)
     bundle = DataBundle(ArrayDataset(x, y), None, None, info)
-
-    class Timer:
-        def on_update_end(self, trainer: Any, step: int) -> None:
-            clock.tick(step)
-
-    trainer = Trainer(cfg, model=model, data=bundle, callbacks=[Timer()], verbose=False)
+    trainer = Trainer(cfg, model=model, data=bundle, callbacks=[KilnTimer(clock)], verbose=False)
     trainer.fit()
     return trainer.engine.model
 
 
-def run_lightning(model: Any, x: Any, y: Any, epochs: int, clock: Clock) -> None:
+def run_lightning(model: Any, x: Any, y: Any, epochs: int, clock: Clock, loop: str) -> None:
     import logging
     import warnings
 
@@ -214,13 +313,18 @@ def run_lightning(model: Any, x: Any, y: Any, epochs: int, clock: Clock) -> None
             return F.cross_entropy(self.net(xb), yb)
 
         def configure_optimizers(self) -> Any:
-            return torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM)
+            return torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM, **fused)
 
     class Timer(L.Callback):
         def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
             clock.tick(trainer.global_step)
 
-    loader = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True)
+    fused = {"fused": True} if loop == "lightning_fused" else {}
+    loader: Any = (
+        GatherLoader(x, y)
+        if loop == "lightning_fused"
+        else DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True)
+    )
     trainer = L.Trainer(
         max_epochs=epochs,
         logger=False,
@@ -244,16 +348,7 @@ def measure(loop: str, case: str, epochs: int, data: Path, threads: int) -> dict
     x, y = blob["x"], blob["y"]
     steps_per_epoch = -(-len(x) // BATCH)
     clock = Clock(steps_per_epoch, steps_per_epoch * epochs)
-    model = build_model(case)
-    if loop == "kiln":
-        with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
-            model = run_kiln(model, x, y, epochs, clock, tmp)
-    elif loop == "lightning":
-        run_lightning(model, x, y, epochs, clock)
-    elif loop in ("raw", "raw_gather", "raw_fused"):
-        run_raw(model, x, y, epochs, clock, loop)
-    else:
-        raise ValueError(f"unknown loop {loop!r}; allowed: {', '.join(LOOPS)}")
+    model = runner(loop, case, x, y, epochs)(clock)
     if not clock.t1:
         raise RuntimeError(f"{loop}: the last update ({clock.total}) was never reached")
     model.eval()
@@ -270,13 +365,79 @@ def measure(loop: str, case: str, epochs: int, data: Path, threads: int) -> dict
     }
 
 
+def runner(loop: str, case: str, x: Any, y: Any, epochs: int) -> Any:
+    """A function of a clock that runs ``loop`` on ``case`` and returns the trained model."""
+
+    def run(clock: Any) -> Any:
+        model = build_model(case)
+        if loop in ("kiln", "fit_tensor", "kiln_unguarded"):
+            with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
+                if loop == "fit_tensor":
+                    return run_fit_tensor(model, x, y, epochs, clock, tmp)
+                return run_kiln(model, x, y, epochs, clock, tmp, guard=loop == "kiln")
+        if loop == "engine":
+            return run_engine(model, x, y, epochs, clock)
+        if loop in LIGHTNING:
+            run_lightning(model, x, y, epochs, clock, loop)
+        elif loop in ("raw", "raw_gather", "raw_fused"):
+            run_raw(model, x, y, epochs, clock, loop)
+        else:
+            raise ValueError(f"unknown loop {loop!r}; allowed: {', '.join(LOOPS + EXTRA_LOOPS)}")
+        return model
+
+    return run
+
+
+def measure_sliced(
+    loops: list[str], case: str, epochs: int, data: Path, threads: int
+) -> list[dict[str, Any]]:
+    """Every loop in this process, taking turns one epoch at a time (``_slices``)."""
+    import torch
+    from _slices import run_sliced
+
+    torch.set_num_threads(threads)
+    blob = torch.load(data, weights_only=True)
+    x, y = blob["x"], blob["y"]
+    per_epoch = -(-len(x) // BATCH)
+    runners = {lp: runner(lp, case, x, y, epochs) for lp in loops}
+    times, models = run_sliced(runners, per_slice=per_epoch, total=per_epoch * epochs)
+    out = []
+    for lp in loops:
+        model = models[lp].eval()
+        with torch.inference_mode():
+            final_loss = float(torch.nn.functional.cross_entropy(model(x), y))
+        out.append(
+            {
+                "loop": lp,
+                "case": case,
+                "rounds": times[lp],
+                "steps_timed": per_epoch * (epochs - 1),
+                "final_loss": final_loss,
+            }
+        )
+    return out
+
+
 # ---------------------------------------------------------------------------- orchestration
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke test: tiny, in-process, < 30 s")
-    ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions (default 5)")
+    ap.add_argument(
+        "--mode",
+        choices=("slices", "processes"),
+        default="slices",
+        help="slices (default): all loops in one pinned process, taking turns one epoch at a "
+        "time, ratios per round (robust on a loaded machine); processes: one process per loop "
+        "and repetition",
+    )
+    ap.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help="repetitions: processes (slices mode, default 3) or interleaved runs (default 5)",
+    )
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--loops", default=",".join(LOOPS))
     ap.add_argument("--epochs-mlp", type=int, default=DEFAULT_EPOCHS["mlp"])
@@ -296,10 +457,21 @@ def main() -> None:
         "measuring both cases; halves the run time)",
     )
     ap.add_argument("--worker", metavar="LOOP", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-sliced", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     epochs = {"mlp": args.epochs_mlp, "linear": args.epochs_linear}
+    if args.worker_sliced:
+        loops_ = [lp for lp in args.loops.split(",") if lp]
+        C.emit(
+            [
+                res
+                for case in args.cases.split(",")
+                for res in measure_sliced(loops_, case, epochs[case], Path(args.data), args.threads)
+            ]
+        )
+        return
     if args.worker:
         C.emit(
             [
@@ -311,21 +483,23 @@ def main() -> None:
 
     cases = [c for c in args.cases.split(",") if c]
     loops = [lp for lp in args.loops.split(",") if lp]
-    reps = args.reps
+    sliced = args.mode == "slices"
+    reps = args.reps if args.reps is not None else (3 if sliced else 5)
     pin = C.pin_prefix(args.cpu)
     lightning_py: str | None = None
     notes: list[str] = []
+    wanted_lightning = [lp for lp in loops if lp in LIGHTNING]
     if args.quick:
         epochs = {"mlp": 3, "linear": 3}
         reps = 1
         pin = []
-        if "lightning" in loops:
-            loops.remove("lightning")
+        if wanted_lightning:
+            loops = [lp for lp in loops if lp not in LIGHTNING]
             notes.append("lightning: skipped in --quick (its import alone takes several seconds)")
-    elif "lightning" in loops:
+    elif wanted_lightning:
         lightning_py = C.python_for("lightning", [args.lightning_python])
         if lightning_py is None:
-            loops.remove("lightning")
+            loops = [lp for lp in loops if lp not in LIGHTNING]
             notes.append(f"lightning: not installed; to include it run: {LIGHTNING_HINT}")
         else:
             notes.append(f"lightning: measured with {lightning_py}")
@@ -339,13 +513,18 @@ def main() -> None:
     print(
         f"digits 8x8 standardised (1797 rows, 29 updates/epoch), batch {BATCH}, SGD lr {LR} "
         f"momentum {MOMENTUM}, fp32; epochs {epochs} (first epoch = warm-up, not timed); "
-        f"{reps} interleaved repetition(s); "
         + (
-            "--quick: all in this process"
-            if args.quick
-            else "one process per measurement"
-            if args.isolate
-            else "one process per loop and repetition (measures all its cases)"
+            f"{reps} process(es), each running every loop in turns of one epoch (a round: one "
+            "epoch of each loop, order rotated per round); ratios per round"
+            if sliced
+            else f"{reps} interleaved repetition(s); "
+            + (
+                "--quick: all in this process"
+                if args.quick
+                else "one process per measurement"
+                if args.isolate
+                else "one process per loop and repetition (measures all its cases)"
+            )
         )
     )
     for note in notes:
@@ -358,7 +537,43 @@ def main() -> None:
         make_digits(data)
         env = C.single_thread_env(args.threads)
         t_start = time.perf_counter()
-        for rep in range(reps):
+        for rep in range(reps if sliced else 0):
+            order = C.interleaved(cases, rep)
+            if args.quick:
+                out = [
+                    r
+                    for c in order
+                    for r in measure_sliced(loops, c, epochs[c], data, args.threads)
+                ]
+            else:
+                cmd = [
+                    *pin,
+                    lightning_py or sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--worker-sliced",
+                    "--loops",
+                    ",".join(C.interleaved(loops, rep)),
+                    "--cases",
+                    ",".join(order),
+                    "--epochs-mlp",
+                    str(epochs["mlp"]),
+                    "--epochs-linear",
+                    str(epochs["linear"]),
+                    "--data",
+                    str(data),
+                    "--threads",
+                    str(args.threads),
+                ]
+                out = C.run_child(cmd, env=env, timeout=1800)
+            for res in out:
+                rounds = [
+                    {"us_per_step": us, **{k: res[k] for k in ("final_loss", "steps_timed")}}
+                    for us in res["rounds"]
+                ]
+                results.setdefault((res["case"], res["loop"]), []).extend(rounds)
+            took = time.perf_counter() - t_start
+            print(f"  process {rep + 1}/{reps} done ({took:.0f} s)", flush=True)
+        for rep in range(0 if sliced else reps):
             # Both orders of the cases, every loop in every position: no one gets a lucky slot.
             order = C.interleaved(cases, rep)
             groups = [[c] for c in order] if (args.isolate or args.quick) else [order]
@@ -367,7 +582,7 @@ def main() -> None:
                     if args.quick:
                         out = [measure(loop, c, epochs[c], data, args.threads) for c in group]
                     else:
-                        exe = lightning_py if loop == "lightning" else sys.executable
+                        exe = lightning_py if loop in LIGHTNING else sys.executable
                         cmd = [
                             *pin,
                             exe or sys.executable,
@@ -395,7 +610,7 @@ def main() -> None:
         Path(args.json).write_text(
             json.dumps({f"{c}/{lp}": v for (c, lp), v in results.items()}, indent=1)
         )
-    report(results, cases, loops, reps)
+    report(results, cases, loops, reps, sliced)
 
 
 def ratios(
@@ -413,8 +628,15 @@ def report(
     cases: list[str],
     loops: list[str],
     reps: int,
+    sliced: bool = False,
 ) -> None:
-    """Per case: median us/step, spread, and median per-repetition ratios to raw and raw_fused."""
+    """Per case: median us/step, spread, and median per-repetition ratios to raw and raw_fused.
+
+    Sliced: every entry is one round (one epoch of each loop, back to back) and the spread is
+    the interquartile range over rounds; else one entry per repetition and the min-max.
+    """
+    spread = quartiles if sliced else C.spread
+    what = "p25-p75" if sliced else "min-max"
     for case in cases:
         print(f"\n## {case}: " + ("MLP 64-256-256-10" if case == "mlp" else "Linear(64, 10)"))
         rows = []
@@ -422,15 +644,15 @@ def report(
             runs = results[(case, loop)]
             us = [r["us_per_step"] for r in runs]
             cells = []
-            for base in ("raw", "raw_fused"):
+            for base in BASELINES:
                 rs = ratios(results, case, loop, base)
-                cells.append(f"{C.median(rs):.3f} ({C.spread(rs)})" if rs else "-")
+                cells.append(f"{C.median(rs):.3f} ({spread(rs)})" if rs else "-")
             loss = C.median([r["final_loss"] for r in runs])
             rows.append(
                 [
                     loop,
                     f"{C.median(us):.0f}",
-                    C.spread(us),
+                    spread(us),
                     *cells,
                     f"{loss:.4f}",
                     runs[0]["steps_timed"],
@@ -439,27 +661,39 @@ def report(
         headers = [
             "loop",
             "us/step (median)",
-            "us/step min-max",
-            "ratio to raw (min-max)",
-            "ratio to raw_fused (min-max)",
+            f"us/step {what}",
+            f"ratio to raw ({what})",
+            f"ratio to raw_fused ({what})",
             "final train loss",
             "updates timed",
         ]
         print(C.table(headers, rows))
+    unit = f"{len(next(iter(results.values())))} rounds" if sliced else "repetitions"
     print(
-        "\nRatios: median over repetitions of (loop / baseline from the same repetition). "
-        "Final train loss: loss on all rows after training (same work gives close values; "
-        "shuffles differ between loops)."
+        f"\nRatios: median over {unit} of (loop / baseline from the same "
+        f"{'round' if sliced else 'repetition'}). Final train loss: loss on all rows after "
+        "training (same work gives close values; shuffles differ between loops)."
     )
-    for case in cases:
-        rs = ratios(results, case, "kiln", "raw")
-        if rs:
-            r = C.median(rs)
-            print(
-                f"target kiln <= 1.03x raw, {case}: {r:.3f}x -> {'PASS' if r <= 1.03 else 'FAIL'}"
-            )
-    if reps < 5:
+    for loop, limit in TARGETS.items():
+        for case in cases:
+            rs = ratios(results, case, loop, "raw_fused") if (case, loop) in results else []
+            if rs:
+                r = C.median(rs)
+                verdict = "PASS" if r <= limit else "FAIL"
+                print(
+                    f"target {loop} <= {limit:.2f}x raw_fused, {case}: {r:.3f}x "
+                    f"({what} {spread(rs)}) -> {verdict}"
+                )
+    if reps < (3 if sliced else 5):
         print(f"(only {reps} repetition(s): a smoke test, not a measurement)")
+
+
+def quartiles(xs: list[float]) -> str:
+    """``p25-p75`` of many rounds (min-max of hundreds of rounds is mostly the outliers)."""
+    if len(xs) < 4:
+        return C.spread(xs)
+    q = statistics.quantiles(xs, n=4)
+    return f"{q[0]:.3g}-{q[2]:.3g}"
 
 
 if __name__ == "__main__":

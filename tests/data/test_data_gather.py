@@ -7,6 +7,7 @@ give the same tensors in the same order, batch by batch, for every epoch and res
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
@@ -103,6 +104,7 @@ def test_getitems_is_called_once_per_batch_and_never_per_sample() -> None:
     x, y = _tensors(20)
     ds = WithGetitems(TensorDataset(x, y))
     loader = make_loader(ds, batch_size=8, shuffle=True, seed=1)
+    assert isinstance(loader, ArrayLoader)  # not a DataLoader: no per-batch iterator machinery
     assert len(list(loader)) == 3
     assert ds.calls == 3 and ds.reads == 0
 
@@ -121,6 +123,10 @@ def test_what_cannot_gather_keeps_the_dataloader() -> None:
     # workers or pinned memory: a DataLoader, collating TensorDataset samples (no pass-through)
     loader = make_loader(TensorDataset(x, y), batch_size=4, shuffle=False, pin_memory=True)
     assert isinstance(loader, DataLoader) and not returns_batches(TensorDataset(x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "pin_memory ... no accelerator is found" on CPU hosts
+        xb, yb = next(iter(loader))
+    assert torch.equal(xb, x[:4]) and torch.equal(yb, y[:4])
 
 
 def _refuse(self: Any, i: int) -> Any:
