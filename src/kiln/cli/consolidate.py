@@ -48,7 +48,7 @@ def run_consolidate(checkpoint: str, *, out: str | None, trust_code: bool = Fals
     """
     from kiln.errors import UsageError
     from kiln.train.checkpoint import resolve_checkpoint
-    from kiln.train.weights import consolidate_checkpoint
+    from kiln.train.checkpoint.weights import consolidate_checkpoint
 
     path = resolve_checkpoint(checkpoint)
     target = Path(out) if out else path.with_suffix(".safetensors")
