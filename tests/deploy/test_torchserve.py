@@ -26,7 +26,7 @@ from kiln.deploy.torchserve.archive import (
     model_name_for,
 )
 from kiln.deploy.torchserve.process import config_properties, free_ports, launch_torchserve
-from kiln.train.build import read_data_info
+from kiln.run import read_data_info
 from kiln.train.checkpoint.weights import load_model
 
 TOL = 1e-5

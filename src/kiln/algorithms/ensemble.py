@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kiln.run import CHECKPOINTS, CONFIG, checkpoint_files, read_config, read_data_info, run_dir_of
+
 if TYPE_CHECKING:
     from kiln.data.base import DataInfo
 
@@ -52,7 +54,6 @@ __all__ = [
     "load_ensemble",
     "load_snapshots",
     "mean_log_prob",
-    "run_dir_of",
     "snapshot_paths",
     "vote_log_prob",
 ]
@@ -174,26 +175,6 @@ class Ensemble(nn.Module):
 # --------------------------------------------------------------------------- loading
 
 
-def run_dir_of(run: str | Path) -> Path:
-    """A run directory from a run directory or a file inside it (``model.safetensors``)."""
-    p = Path(run)
-    if p.is_file():
-        p = p.parent
-    if not (p / "config.yaml").is_file():
-        raise FileNotFoundError(f"not a Kiln run directory (no config.yaml): {p}")
-    return p
-
-
-def _read_info(run_dir: Path) -> DataInfo:
-    from kiln.train.build import read_data_info
-
-    if not (run_dir / "data_info.json").is_file():
-        raise FileNotFoundError(
-            f"{run_dir / 'data_info.json'} is missing; is {run_dir} a complete Kiln run directory?"
-        )
-    return read_data_info(run_dir)
-
-
 def check_compatible(runs: Sequence[str | Path], infos: Sequence[DataInfo]) -> DataInfo:
     """Check that the runs' models can be combined: same task, classes, input and outputs.
 
@@ -249,11 +230,10 @@ def check_same_split(runs: Sequence[str | Path]) -> None:
     Raises:
         ValueError: naming the setting that differs and how to fix it.
     """
-    from kiln.config import load_config
     from kiln.train.build import resolve_layout
 
     dirs = [run_dir_of(r) for r in runs]
-    cfgs = [load_config(d / "config.yaml") for d in dirs]
+    cfgs = [read_config(d) for d in dirs]
 
     def key(i: int) -> dict[str, object]:
         data = cfgs[i].data.model_dump()
@@ -310,7 +290,7 @@ def load_ensemble(
     if not runs:
         raise ValueError("load_ensemble needs at least one run directory")
     dirs = [run_dir_of(r) for r in runs]
-    info = check_compatible([str(d) for d in dirs], [_read_info(d) for d in dirs])
+    info = check_compatible([str(d) for d in dirs], [read_data_info(d) for d in dirs])
     models = [load_model(d, device=device, trust_code=trust_code) for d in dirs]
     return Ensemble(models, mode=mode, task=info.task)
 
@@ -323,15 +303,9 @@ def snapshot_paths(run: str | Path, n: int) -> list[Path]:
     """
     if n < 1:
         raise ValueError(f"a snapshot ensemble needs n >= 1 checkpoints, got {n}")
-    folder = run_dir_of(run) / "checkpoints"
-
-    def step(p: Path) -> int:
-        try:
-            return int(p.stem.removeprefix("step-"))
-        except ValueError:
-            return -1
-
-    found = sorted((p for p in folder.glob("step-*.ckpt") if step(p) >= 0), key=step)
+    run_dir = run_dir_of(run)
+    folder = run_dir / CHECKPOINTS
+    found = checkpoint_files(run_dir)
     if len(found) < n:
         names = ", ".join(p.name for p in found) or "none"
         raise ValueError(
@@ -359,16 +333,15 @@ def load_snapshots(
     Example:
         >>> ens = load_snapshots("runs/digits", 3)   # doctest: +SKIP
     """
-    from kiln.config import load_config
     from kiln.train.build import build_model_for
     from kiln.train.checkpoint.weights import consolidate_checkpoint
     from kiln.trust import refuse_file_target
 
     run_dir = run_dir_of(run)
     paths = snapshot_paths(run_dir, n)
-    cfg = load_config(run_dir / "config.yaml")
-    refuse_file_target(cfg.model.target, run_dir / "config.yaml", trust_code=trust_code)
-    info = _read_info(run_dir)
+    cfg = read_config(run_dir)
+    refuse_file_target(cfg.model.target, run_dir / CONFIG, trust_code=trust_code)
+    info = read_data_info(run_dir)
     models = []
     for p in paths:
         model = build_model_for(cfg, info)

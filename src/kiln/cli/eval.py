@@ -135,8 +135,8 @@ def run_eval(
         ``metrics`` (the combined model), ``members`` (or ``plain`` for TTA) and the settings.
         The same dict is written as JSON (see the module docstring for where).
     """
-    from kiln.algorithms.ensemble import run_dir_of
     from kiln.algorithms.tta import parse_transforms
+    from kiln.run import run_dir_of
 
     paths, tta = split_tokens([runs] if isinstance(runs, str) else list(runs), tta)
     if not paths:
@@ -158,7 +158,7 @@ def run_eval(
         raise ValueError("--vote combines several models: give several runs or --snapshots N")
 
     if transforms or len(run_dirs) > 1 or snapshots is not None:
-        from kiln.train.build import read_data_info
+        from kiln.run import read_data_info
 
         if read_data_info(run_dirs[0]).task == "multitask":
             raise ValueError(
@@ -181,12 +181,12 @@ class _Setup:
     """What every form needs: the run's config, its data split, an engine, loss and metrics."""
 
     def __init__(self, run_dir: Path, split: str) -> None:
-        from kiln.config import load_config
+        from kiln.run import read_config
         from kiln.train import build
         from kiln.train.engine import Engine
         from kiln.train.metrics import build_metrics
 
-        self.cfg: Config = load_config(run_dir / "config.yaml")
+        self.cfg: Config = read_config(run_dir)
         self.data: DataBundle = build.build_data_for(self.cfg)
         dataset = self.data.test if split == "test" else self.data.val
         if dataset is None:
@@ -249,6 +249,7 @@ def _eval_single(
     *,
     trust_code: bool = False,
 ) -> dict[str, Any]:
+    from kiln.run import CHECKPOINTS, CONFIG
     from kiln.train import build
     from kiln.train.checkpoint import resolve_checkpoint
     from kiln.train.checkpoint.weights import consolidate_checkpoint, load_model
@@ -258,9 +259,9 @@ def _eval_single(
     s.check_tta(transforms)
     if checkpoint:
         ckpt_path = resolve_checkpoint(
-            run_dir / "checkpoints" / checkpoint if checkpoint in ("last", "best") else checkpoint
+            run_dir / CHECKPOINTS / checkpoint if checkpoint in ("last", "best") else checkpoint
         )
-        refuse_file_target(s.cfg.model.target, run_dir / "config.yaml", trust_code=trust_code)
+        refuse_file_target(s.cfg.model.target, run_dir / CONFIG, trust_code=trust_code)
         model = build.build_model_for(s.cfg, s.data.info)
         # sharded (FSDP2) or not
         model.load_state_dict(consolidate_checkpoint(ckpt_path, trust_code=trust_code))

@@ -126,8 +126,8 @@ def _open(path: str, overrides: list[str], out: str | None, trust_code: bool = F
     if not p.exists():
         raise FileNotFoundError(f"no such run directory or config file: {p}")
     if p.is_dir() or p.suffix == ".safetensors":
-        from kiln.algorithms.ensemble import run_dir_of
-        from kiln.train.checkpoint.weights import WEIGHTS, load_model
+        from kiln.run import WEIGHTS, read_config, run_dir_of
+        from kiln.train.checkpoint.weights import load_model
 
         run_dir = run_dir_of(p)
         fixed = [o for o in overrides if o.split("=", 1)[0].strip().startswith("model")]
@@ -136,7 +136,7 @@ def _open(path: str, overrides: list[str], out: str | None, trust_code: bool = F
                 f"{', '.join(fixed)}: a run's model is fixed by its weights; inspect a "
                 "different model from its CONFIG instead"
             )
-        cfg = load_config(run_dir / "config.yaml", overrides)
+        cfg = read_config(run_dir, overrides)
         seed_everything(cfg.seed)
         data = build.build_data_for(cfg)
         weights = p if p.is_file() else run_dir / WEIGHTS

@@ -84,15 +84,16 @@ def load_job(args: Sequence[str], *, trust_code: bool = False) -> tuple[Any, str
     """
     from kiln.cli.train import split_args
     from kiln.config import load_config
+    from kiln.run import CONFIG
 
     path, overrides = split_args(list(args))
     run_dir = path is not None and Path(path).is_dir()
     if path is not None and run_dir:
-        if not (Path(path) / "config.yaml").is_file():
+        if not (Path(path) / CONFIG).is_file():
             raise FileNotFoundError(
                 f"not a Kiln run directory (no config.yaml): {path}; give a CONFIG.yaml or a run"
             )
-        path = str(Path(path) / "config.yaml")
+        path = str(Path(path) / CONFIG)
     cfg = load_config(path, overrides)
     if run_dir and path is not None:
         from kiln.trust import refuse_file_target

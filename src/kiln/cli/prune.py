@@ -144,22 +144,16 @@ def run_prune(
 
     import torch
 
-    from kiln.algorithms.ensemble import run_dir_of
     from kiln.compress.prune import core as pr
     from kiln.compress.prune import run as prr
     from kiln.compress.report import measure, table
-    from kiln.config import load_config
+    from kiln.run import read_config, run_dir_of, weights_file
     from kiln.train import build
-    from kiln.train.checkpoint.weights import WEIGHTS, load_model
+    from kiln.train.checkpoint.weights import load_model
 
     run_dir = run_dir_of(run)
-    weights = run_dir / WEIGHTS
-    if not weights.is_file():
-        raise FileNotFoundError(
-            f"no {WEIGHTS} in {run_dir}; the run may not have finished: resume it with "
-            f"`kiln train {run_dir / 'config.yaml'} resume={run_dir}`"
-        )
-    cfg = load_config(run_dir / "config.yaml")
+    weights = weights_file(run_dir)
+    cfg = read_config(run_dir)
     spec = replace(spec, seed=cfg.seed)
     data = build.build_data_for(cfg)
     task = data.info.task

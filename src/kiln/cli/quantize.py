@@ -137,13 +137,12 @@ class _Job:
 def _open(run: str, trust_code: bool = False) -> _Job:
     import torch
 
-    from kiln.algorithms.ensemble import run_dir_of
-    from kiln.config import load_config
+    from kiln.run import WEIGHTS, read_config, run_dir_of
     from kiln.train.build import build_data_for, loader_for
-    from kiln.train.checkpoint.weights import WEIGHTS, load_model
+    from kiln.train.checkpoint.weights import load_model
 
     run_dir = run_dir_of(run)
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = read_config(run_dir)
     data = build_data_for(cfg)
     task = data.info.task
     if task not in ("classification", "regression"):

@@ -91,8 +91,9 @@ def _resumed_config(overrides: list[str]) -> Path | None:
     resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
     if not resume:
         return None
-    from kiln.train.resume_policy import run_dir_of
+    from kiln.run import CONFIG
+    from kiln.train.resume_policy import resume_source
 
-    _, run_dir = run_dir_of(resume)
-    found = run_dir / "config.yaml" if run_dir is not None else None
+    _, run_dir = resume_source(resume)
+    found = run_dir / CONFIG if run_dir is not None else None
     return found if found is not None and found.is_file() else None

@@ -389,10 +389,10 @@ def export_model(
 
 def _test_inputs(run_dir: Path, rows: int) -> torch.Tensor:
     """Up to ``rows`` inputs of the run's test split (its val split if it has no test split)."""
-    from kiln.config import load_config
+    from kiln.run import read_config
     from kiln.train.build import build_data_for, loader_for
 
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = read_config(run_dir)
     data = build_data_for(cfg)
     dataset = data.test if data.test is not None else data.val
     if dataset is None:
@@ -447,15 +447,14 @@ def export_runs(
         ParityError: the export differs from the eager model.
         FileNotFoundError: a run directory is incomplete.
     """
-    from kiln.algorithms.ensemble import load_ensemble, run_dir_of
+    from kiln.algorithms.ensemble import load_ensemble
+    from kiln.run import read_data_info, run_dir_of
     from kiln.train.checkpoint.weights import load_model
 
     check_format(format)
     if not runs:
         raise ValueError("kiln export needs at least one run directory")
     dirs = [run_dir_of(r) for r in runs]
-    from kiln.train.build import read_data_info
-
     if read_data_info(dirs[0]).task == "multitask":
         raise ValueError(
             "exporting multi-task models (a dict of outputs) is not yet supported; load the "

@@ -46,6 +46,7 @@ from kiln.data.base import DataInfo
 from kiln.meta.baseline import TaskSampler, pretrain_joint
 from kiln.meta.maml import adaptation_losses, check_functional, meta_gradient, params_of
 from kiln.meta.tasks import SineTasks
+from kiln.run import CONFIG, SUMMARY
 from kiln.train.build import new_run_dir
 from kiln.train.checkpoint.weights import save_weights
 from kiln.train.engine import select_device
@@ -214,7 +215,7 @@ def run_meta(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
     baseline.to(device)
 
     run_dir = new_run_dir(cfg.out_dir, cfg.name)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    (run_dir / CONFIG).write_text(dump_config(cfg))
     logger = MetricsLogger(run_dir, tensorboard=cfg.log.tensorboard)
     seconds: dict[str, float] = {}
     with contextlib.ExitStack() as stack:
@@ -286,7 +287,7 @@ def run_meta(cfg: Config, *, verbose: bool = True) -> dict[str, Any]:
         "torch_threads": threads,
         "run_dir": str(run_dir),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    (run_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
     if verbose:
         print(format_table(summary))
         print(f"run directory: {run_dir}")

@@ -34,6 +34,7 @@ from typing import Any
 
 from kiln.config import Config, ConfigError, read_yaml
 from kiln.errors import short_repr
+from kiln.run import CONFIG, run_dir_of_checkpoint
 
 __all__ = ["ALLOWED", "IGNORED", "ResumePlan", "check", "diff", "record"]
 
@@ -106,17 +107,17 @@ def _allowed(key: str) -> bool:
     return any(key == p or fnmatch(key, p) for p in ALLOWED)
 
 
-def run_dir_of(resume: str | Path) -> tuple[Path, Path | None]:
+def resume_source(resume: str | Path) -> tuple[Path, Path | None]:
     """The checkpoint file ``resume`` names and its run directory (None for a loose file)."""
     from kiln.train.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(resume)
-    return ckpt, ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+    return ckpt, run_dir_of_checkpoint(ckpt)
 
 
 def previous_config(run_dir: Path) -> dict[str, Any] | None:
     """The run's effective config: ``config.yaml`` plus the changes of earlier resumes."""
-    path = run_dir / "config.yaml"
+    path = run_dir / CONFIG
     if not path.is_file():
         return None
     raw = read_yaml(path)
@@ -151,7 +152,7 @@ def check(cfg: Config) -> ResumePlan | None:
     """
     if not cfg.resume:
         return None
-    ckpt, run_dir = run_dir_of(cfg.resume)
+    ckpt, run_dir = resume_source(cfg.resume)
     old = previous_config(run_dir) if run_dir is not None else None
     if run_dir is None or old is None:
         return None

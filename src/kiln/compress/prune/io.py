@@ -99,15 +99,13 @@ def load_pruned(
         import yaml
 
         from kiln.config import Config
-        from kiln.data.base import DataInfo
         from kiln.registry import build_model
+        from kiln.run import data_info_from_json
         from kiln.trust import refuse_file_target
 
         cfg = Config.model_validate(yaml.safe_load(meta["kiln_config"]))
         refuse_file_target(cfg.model.target, file, trust_code=trust_code)
-        raw = json.loads(meta["kiln_data_info"])
-        raw["input_shape"] = tuple(raw["input_shape"])
-        model = build_model(cfg.model, DataInfo(**raw))
+        model = build_model(cfg.model, data_info_from_json(meta["kiln_data_info"]))
     st.resize_(model, json.loads(meta["kiln_pruned"])["widths"])
     st_load(model, str(file), strict=True, device=str(device))
     return model.to(device).eval()

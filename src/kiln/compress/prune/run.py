@@ -141,16 +141,16 @@ def initial_state(
     Example:
         >>> start = initial_state("runs/digits")        # doctest: +SKIP
     """
-    from kiln.config import load_config
+    from kiln.run import CHECKPOINTS, CONFIG, checkpoint_files, read_config
 
     run_dir = Path(run)
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = read_config(run_dir)
     if source == "init":
         from kiln.train import build
         from kiln.train.reproducibility import seed_everything
         from kiln.trust import refuse_file_target
 
-        refuse_file_target(cfg.model.target, run_dir / "config.yaml", trust_code=trust_code)
+        refuse_file_target(cfg.model.target, run_dir / CONFIG, trust_code=trust_code)
         seed_everything(cfg.seed)
         data = build.build_data_for(cfg)
         model = build.build_model_for(cfg, data.info)
@@ -158,9 +158,9 @@ def initial_state(
     if source == "earliest":
         from kiln.train.checkpoint import load_checkpoint
 
-        ckpts = sorted((run_dir / "checkpoints").glob("step-*.ckpt"), key=lambda p: int(p.stem[5:]))
+        ckpts = checkpoint_files(run_dir)
         if not ckpts:
-            raise FileNotFoundError(f"no step-*.ckpt in {run_dir / 'checkpoints'}")
+            raise FileNotFoundError(f"no step-*.ckpt in {run_dir / CHECKPOINTS}")
         saved = load_checkpoint(ckpts[0])
         if "sharded" in saved:
             raise ValueError(f"{ckpts[0]} is sharded; `kiln consolidate` it first")

@@ -53,6 +53,7 @@ from kiln.compress.quantize import ao
 from kiln.compress.quantize.ao import Finetune
 from kiln.compress.quantize.saved import decode_state, load_state, read_recipe
 from kiln.compress.report import CompressedModel
+from kiln.run import data_info_from_json
 
 __all__ = [
     "AO_METHODS",
@@ -281,12 +282,9 @@ def _fp32_from_metadata(file: Path, meta: dict[str, str], *, trust_code: bool) -
     import yaml
 
     from kiln.config import Config
-    from kiln.data.base import DataInfo
     from kiln.registry import build_model
     from kiln.trust import refuse_file_target
 
     cfg = Config.model_validate(yaml.safe_load(meta["kiln_config"]))
     refuse_file_target(cfg.model.target, file, trust_code=trust_code)
-    raw = json.loads(meta["kiln_data_info"])
-    raw["input_shape"] = tuple(raw["input_shape"])
-    return build_model(cfg.model, DataInfo(**raw)).eval()
+    return build_model(cfg.model, data_info_from_json(meta["kiln_data_info"])).eval()

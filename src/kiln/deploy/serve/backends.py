@@ -19,6 +19,7 @@ import torch
 
 from kiln.data.base import DataInfo
 from kiln.errors import CorruptFileError, UnsafeFileError
+from kiln.run import DATA_INFO, read_data_info
 
 __all__ = ["TORCHSCRIPT_SUFFIXES", "Backend", "load_backend"]
 
@@ -37,13 +38,8 @@ class Backend:
 
 
 def _read_info(run_dir: Path) -> DataInfo:
-    """The run's ``data_info.json``."""
-    file = run_dir / "data_info.json"
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} is missing; serve needs the run's data description")
-    raw = json.loads(file.read_text())
-    raw["input_shape"] = tuple(raw["input_shape"])
-    return DataInfo(**raw)
+    """The run's input contract (``data_info.json``)."""
+    return read_data_info(run_dir, hint="serve needs the run's data description")
 
 
 def _exported_info(path: Path) -> DataInfo:
@@ -52,10 +48,10 @@ def _exported_info(path: Path) -> DataInfo:
     if manifest.is_file():
         sources = json.loads(manifest.read_text()).get("sources") or []
         for src in sources:
-            if (Path(src) / "data_info.json").is_file():
+            if (Path(src) / DATA_INFO).is_file():
                 return _read_info(Path(src))
     for parent in path.parents:
-        if (parent / "data_info.json").is_file():
+        if (parent / DATA_INFO).is_file():
             return _read_info(parent)
     raise FileNotFoundError(
         f"cannot find the data description of {path}: no manifest.json naming its run and no "

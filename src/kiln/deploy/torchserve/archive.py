@@ -318,9 +318,8 @@ def export_torchserve(
         ParityError: the export differs from the eager model.
         RuntimeError: torch-model-archiver failed (its message is included).
     """
-    from kiln.algorithms.ensemble import run_dir_of
     from kiln.deploy.export import export_runs
-    from kiln.train.build import read_data_info
+    from kiln.run import read_data_info, run_dir_of
 
     if not runs:
         raise ValueError("kiln export needs at least one run directory")
