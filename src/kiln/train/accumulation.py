@@ -147,6 +147,10 @@ class GroupWeights:
 
 def leading_size(batch: Any) -> int | None:
     """Leading dimension of the first tensor in a (nested) batch; None when there is none."""
+    if type(batch) in (tuple, list) and batch and type(batch[0]) is torch.Tensor:
+        first = batch[0]  # the usual (x, y) batch: no recursion
+        if first.dim():
+            return int(first.shape[0])
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0]) if batch.dim() else None
     if isinstance(batch, (tuple, list)):

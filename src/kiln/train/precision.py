@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_NO_AUTOCAST = contextlib.nullcontext()  # reusable: fp32 makes no context object per step
 
 
 class Precision:
@@ -60,8 +61,8 @@ class Precision:
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The autocast context for forward + loss (a no-op for fp32)."""
-        if not self.enabled:
-            return contextlib.nullcontext()
+        if self.kind == "fp32":
+            return _NO_AUTOCAST
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
