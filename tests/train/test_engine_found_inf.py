@@ -132,3 +132,27 @@ def test_count_survives_state_dict() -> None:
     other = Engine(device="cpu")
     other.load_state_dict(copy.deepcopy(engine.state_dict()))
     assert other.nonfinite_skips() == 1
+
+
+def test_flag_is_cleared_between_checks() -> None:
+    # the flag is zeroed only when it may hold a 1: a bad check must not leak into the next
+    engine = Engine(device="cpu")
+    model, _ = engine.setup(_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+    seen = []
+    for i, bad in enumerate([False, True, False, False, True, True, False]):
+        x, y = _batches()[i % 6]
+        with engine.micro_step(0, 1):
+            loss = nn.functional.cross_entropy(model(x), y)
+            engine.backward(loss * float("nan") if bad else loss)
+        seen.append(engine.grads_finite(opt))
+        if i == 0:  # a real step: the optimizer's state exists, later skips run on the device
+            engine.optimizer_step(opt, skip_nonfinite=True)
+        elif i == 2:  # a device-side skip of NaN grads sets the flag without a host read
+            for p in model.parameters():
+                p.grad = torch.full_like(p, float("nan"))
+            assert engine._found_inf.can_skip_on_device(opt)
+            engine.optimizer_step(opt, skip_nonfinite=True)
+        else:
+            engine.zero_grad(opt)
+    assert seen == [True, False, True, True, False, False, True]

@@ -380,12 +380,14 @@ class Engine:
         if self.precision.kind == "fp16":  # scaled grads: the scaler checks them at its step
             if loss is None:
                 return True
-            bad = (~torch.isfinite(loss.detach()).all()).float()
-        else:
-            bad = self._found_inf.check(optimizer, loss)
+            lossbad = (~torch.isfinite(loss.detach()).all()).float()
+            if self.world.size > 1:
+                lossbad = distributed.all_reduce_max(lossbad)
+            return not bool(lossbad)
+        bad = self._found_inf.check(optimizer, loss)
         if self.world.size > 1:
             bad = distributed.all_reduce_max(bad.clone())
-        return not bool(bad)
+        return not self._found_inf.read(bad)
 
     def optimizer_step(
         self,

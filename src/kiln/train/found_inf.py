@@ -45,6 +45,7 @@ class FoundInf:
         self._one = torch.ones((), device=device)
         self._count = torch.zeros((), device=device)
         self._host_skips = 0
+        self._dirty = True  # whether the flag may hold a 1 (unknown until read on the host)
         self._plan: tuple[int, int, list[list[torch.Tensor]], bool] | None = None
 
     def _groups(self, optimizer: torch.optim.Optimizer) -> tuple[list[list[torch.Tensor]], bool]:
@@ -71,7 +72,9 @@ class FoundInf:
         The flag tensor is reused: the next call overwrites it.
         """
         flag = self._flag
-        flag.zero_()
+        if self._dirty:  # the last read was clean: no zeroing op (the kernel only sets it)
+            flag.zero_()
+        self._dirty = True
         if loss is not None:
             flag.add_(~torch.isfinite(loss.detach()).all())
         by_dtype, plain = self._groups(optimizer)
@@ -87,6 +90,16 @@ class FoundInf:
                 full = getattr(norm, "full_tensor", None)
                 flag.add_(~torch.isfinite(full() if full is not None else norm))
         return flag
+
+    def read(self, flag: torch.Tensor) -> bool:
+        """``bool(flag)`` for the flag of :meth:`check` (or its all-reduced copy): one host sync.
+
+        A clean flag is remembered, so the next :meth:`check` need not zero it.
+        """
+        bad = bool(flag)
+        if flag is self._flag or not bad:
+            self._dirty = bad
+        return bad
 
     def can_skip_on_device(self, optimizer: torch.optim.Optimizer) -> bool:
         """Whether ``optimizer`` skips its own step on a device flag (fused, state in place)."""
