@@ -389,9 +389,12 @@ def runner(loop: str, case: str, x: Any, y: Any, epochs: int) -> Any:
 
 
 def measure_sliced(
-    loops: list[str], case: str, epochs: int, data: Path, threads: int
+    loops: list[str], case: str, epochs: int, data: Path, threads: int, clock: str = "cpu"
 ) -> list[dict[str, Any]]:
-    """Every loop in this process, taking turns one epoch at a time (``_slices``)."""
+    """Every loop in this process, taking turns one epoch at a time (``_slices``).
+
+    ``clock``: ``cpu`` (the loop thread's CPU time) or ``wall``.
+    """
     import torch
     from _slices import run_sliced
 
@@ -400,7 +403,8 @@ def measure_sliced(
     x, y = blob["x"], blob["y"]
     per_epoch = -(-len(x) // BATCH)
     runners = {lp: runner(lp, case, x, y, epochs) for lp in loops}
-    times, models = run_sliced(runners, per_slice=per_epoch, total=per_epoch * epochs)
+    timer = time.thread_time if clock == "cpu" else time.perf_counter
+    times, models = run_sliced(runners, per_slice=per_epoch, total=per_epoch * epochs, clock=timer)
     out = []
     for lp in loops:
         model = models[lp].eval()
@@ -431,6 +435,13 @@ def main() -> None:
         help="slices (default): all loops in one pinned process, taking turns one epoch at a "
         "time, ratios per round (robust on a loaded machine); processes: one process per loop "
         "and repetition",
+    )
+    ap.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default="cpu",
+        help="slices mode: time each slice by the loop thread's CPU time (default: robust to "
+        "other processes taking the core) or by wall time",
     )
     ap.add_argument(
         "--reps",
@@ -468,7 +479,9 @@ def main() -> None:
             [
                 res
                 for case in args.cases.split(",")
-                for res in measure_sliced(loops_, case, epochs[case], Path(args.data), args.threads)
+                for res in measure_sliced(
+                    loops_, case, epochs[case], Path(args.data), args.threads, args.clock
+                )
             ]
         )
         return
@@ -515,7 +528,8 @@ def main() -> None:
         f"momentum {MOMENTUM}, fp32; epochs {epochs} (first epoch = warm-up, not timed); "
         + (
             f"{reps} process(es), each running every loop in turns of one epoch (a round: one "
-            "epoch of each loop, order rotated per round); ratios per round"
+            "epoch of each loop, order rotated per round); ratios per round; clock: "
+            + ("the loop thread's CPU time" if args.clock == "cpu" else "wall time")
             if sliced
             else f"{reps} interleaved repetition(s); "
             + (
@@ -543,7 +557,7 @@ def main() -> None:
                 out = [
                     r
                     for c in order
-                    for r in measure_sliced(loops, c, epochs[c], data, args.threads)
+                    for r in measure_sliced(loops, c, epochs[c], data, args.threads, args.clock)
                 ]
             else:
                 cmd = [
@@ -563,6 +577,8 @@ def main() -> None:
                     str(data),
                     "--threads",
                     str(args.threads),
+                    "--clock",
+                    args.clock,
                 ]
                 out = C.run_child(cmd, env=env, timeout=1800)
             for res in out:
