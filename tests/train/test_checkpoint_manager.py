@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kiln.errors import UsageError
 from kiln.train.checkpoint import (
     CheckpointManager,
     UnsafeCheckpointError,
@@ -85,6 +86,15 @@ def test_keep_best_keeps_the_best_outside_the_last_window(
     assert (tmp_path / "best").read_text() == "step-2.ckpt"
     assert _w(resolve_checkpoint(tmp_path / "best")) == [2.0] * 3
     assert _w(resolve_checkpoint(tmp_path)) == [5.0] * 3
+
+
+@pytest.mark.parametrize(("keep_last", "keep_best"), [(0, 1), (-1, 1), (2, -1)])
+def test_keep_counts_that_would_keep_everything_or_nothing_are_refused(
+    tmp_path: Path, keep_last: int, keep_best: int
+) -> None:
+    # keep_last=0 used to keep every file: saved[-0:] is the whole list.
+    with pytest.raises(UsageError, match="keep_last must be >= 1 and keep_best >= 0"):
+        CheckpointManager(tmp_path, keep_last=keep_last, keep_best=keep_best)
 
 
 def test_keep_last_and_one_best(tmp_path: Path) -> None:

@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import platform
 import re
@@ -164,12 +163,13 @@ def planned_updates(cfg: Config, data: DataBundle) -> int:
         60
     """
     from kiln.data.loader import batch_sizes
+    from kiln.train.accumulation import updates_per_pass
 
     if cfg.train.max_steps:
         return cfg.train.max_steps
     n = len(data.train)  # type: ignore[arg-type]
     batches = len(batch_sizes(n, cfg.data.batch_size, cfg.data.drop_last))
-    return math.ceil(batches / cfg.train.accumulate) * cfg.train.epochs
+    return updates_per_pass(batches, cfg.train.accumulate) * cfg.train.epochs
 
 
 def cpu_cores() -> int:

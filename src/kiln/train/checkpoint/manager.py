@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import DiskError
+from kiln.errors import DiskError, UsageError
 from kiln.run import CHECKPOINTS, CONFIG
 from kiln.train.checkpoint.files import atomic_write, remove_orphans, save_checkpoint
 from kiln.train.checkpoint.schema import (
@@ -137,6 +137,12 @@ class CheckpointManager:
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        # keep_last=0 would keep every file (``saved[-0:]`` is the whole list), not none.
+        if keep_last < 1 or keep_best < 0:
+            raise UsageError(
+                f"keep_last must be >= 1 and keep_best >= 0, got keep_last={keep_last}, "
+                f"keep_best={keep_best}; the checkpoint a run resumes from is always kept"
+            )
         self.dir = Path(directory)
         self.keep_last = keep_last
         self.keep_best = keep_best
