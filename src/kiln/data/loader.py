@@ -23,17 +23,25 @@ Example:
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kiln.data.gather import gather_plan, returns_batches
 from kiln.errors import DataError
-from kiln.train.reproducibility import worker_init
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, epoch) pairs apart
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seed python and numpy from the worker's torch seed."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -163,13 +163,14 @@ def planned_updates(cfg: Config, data: DataBundle) -> int:
         60
     """
     from kiln.data.loader import batch_sizes
-    from kiln.train.accumulation import updates_per_pass
 
     if cfg.train.max_steps:
         return cfg.train.max_steps
     n = len(data.train)  # type: ignore[arg-type]
     batches = len(batch_sizes(n, cfg.data.batch_size, cfg.data.drop_last))
-    return updates_per_pass(batches, cfg.train.accumulate) * cfg.train.epochs
+    # ceil(batches / k): a partial last group is an update too (kiln.train.accumulation's rule;
+    # this module sits below kiln.train, so it cannot import it).
+    return -(-batches // cfg.train.accumulate) * cfg.train.epochs
 
 
 def cpu_cores() -> int:
