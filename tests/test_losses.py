@@ -241,6 +241,20 @@ def test_weight_count_and_class_range_errors(batch) -> None:
         focal_loss(logits, y, gamma=-1.0)
 
 
+def test_a_target_check_passed_once_still_refuses_what_another_loss_refuses() -> None:
+    # Checks are remembered by (dtype, shape, soft_ok, dims): soft targets accepted by a soft
+    # cross-entropy must not let focal loss (no soft targets) or a new shape through.
+    logits, soft = torch.randn(4, 10), torch.softmax(torch.randn(4, 10), dim=1)
+    cross_entropy = build_loss(LossConfig(), task="classification")
+    for _ in range(2):
+        soft_cross_entropy(logits, soft)
+        with pytest.raises(ValueError, match="focal loss: targets must be class indices"):
+            focal_loss(logits, soft)
+        cross_entropy(logits, torch.zeros(4, dtype=torch.long))
+        with pytest.raises(ValueError, match=r"got long \[3\] for logits \[4, 10\]"):
+            cross_entropy(logits, torch.zeros(3, dtype=torch.long))
+
+
 def test_classification_losses_refuse_integer_logits() -> None:
     with pytest.raises(ValueError, match=r"logits must be floating \[N, C\].*got long \[4\]"):
         weighted_cross_entropy(torch.arange(4), torch.arange(4))

@@ -45,10 +45,27 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+# The (dtype, shape) signatures that passed _check_class_targets: the check depends on nothing
+# else, so a training loop, whose batches keep one signature, pays one set lookup per step.
+_PASSED: set[tuple[object, ...]] = set()
+
+
 def _check_class_targets(
     what: str, logits: torch.Tensor, target: torch.Tensor, *, soft_ok: bool, dims: tuple[int, ...]
 ) -> None:
     """Logits ``[N, C]`` (``[B, T, V]``) and class indices ``[N]`` or probabilities ``[N, C]``."""
+    key = (logits.dtype, logits.shape, target.dtype, target.shape, soft_ok, dims)
+    if key in _PASSED:
+        return
+    _check_signature(what, logits, target, soft_ok=soft_ok, dims=dims)
+    if len(_PASSED) >= 256:  # many shapes (variable-length batches): keep the set small
+        _PASSED.clear()
+    _PASSED.add(key)
+
+
+def _check_signature(
+    what: str, logits: torch.Tensor, target: torch.Tensor, *, soft_ok: bool, dims: tuple[int, ...]
+) -> None:
     if not logits.is_floating_point() or logits.dim() not in dims:
         shapes = " or ".join({2: "[N, C]", 3: "[B, T, V] (a language model)"}[d] for d in dims)
         raise ValueError(f"{what}: logits must be floating {shapes}, got {_desc(logits)}")

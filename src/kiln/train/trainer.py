@@ -44,6 +44,7 @@ from torch import nn
 from kiln.config import Config
 from kiln.data.base import DataBundle
 from kiln.data.loader import start_epoch
+from kiln.run import CHECKPOINTS
 from kiln.train import build, distributed, guard, resume_policy, snapshots
 from kiln.train.callbacks import Callbacks
 from kiln.train.checkpoint import CheckpointManager
@@ -135,7 +136,7 @@ class Trainer:
         self._resume_record = opened.record  # the metrics.jsonl line of this resume
         ck = cfg.checkpoint
         self.ckpts = CheckpointManager(
-            self.run_dir / "checkpoints",
+            self.run_dir / CHECKPOINTS,
             keep_last=ck.keep_last,
             keep_best=ck.keep_best,
             mode=self.mode,
@@ -251,10 +252,13 @@ class Trainer:
         # SWALR owns the learning rate from the SWA start epoch on.
         schedule = sched if sched and sched.interval == "step" and not tech.swa_on(epoch) else None
         guarded, multi = cfg.train.nonfinite != "ignore", self.engine.world.size > 1
+        # Read once per epoch, not per update: the loop's own Python is most of its overhead.
+        log_every, save_every = cfg.train.log_every, cfg.checkpoint.every_n_steps
+        total, stop, progress = self.total_steps, self.stop, self.progress
         tech.train_mode(parts.model, self.engine.model)
         batches = enumerate(parts.train_loader, state.batch_in_epoch)
         while True:
-            log_now = (state.step + 1) % cfg.train.log_every == 0
+            log_now = (state.step + 1) % log_every == 0
             r = train_step(
                 parts,
                 batches,
@@ -279,12 +283,13 @@ class Trainer:
             if log_now:
                 self._log_train(mean_loss(losses, self.engine.world.size), r.grad_norm)
                 losses.clear()
-            self.progress.update(state.step)  # type: ignore[union-attr]
-            every = cfg.checkpoint.every_n_steps
-            if every and state.step % every == 0:
+            progress.update(state.step)  # type: ignore[union-attr]
+            if save_every and state.step % save_every == 0:
                 self._save()
             # Under several processes a stop is agreed at logging steps (no per-step sync).
-            if state.step >= self.total_steps or ((log_now or not multi) and self._should_stop()):
+            if state.step >= total or (
+                log_now and self._should_stop() if multi else stop.reason is not None
+            ):
                 break
         if state.batch_in_epoch == parts.n_batches:
             self._end_epoch(time.perf_counter() - t0)
