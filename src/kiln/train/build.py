@@ -8,7 +8,6 @@ used (same seeded split, same model) from a run directory's ``config.yaml``.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from kiln.config import Config
 from kiln.data.base import DataBundle, DataInfo
 from kiln.data.loader import ArrayLoader, batch_sizes, make_loader
-from kiln.run import write_run_files as write_run_files  # the Trainer's name for it
+from kiln.train.accumulation import updates_per_pass
 from kiln.train.engine import Engine
 from kiln.train.evaluation import monitor_mode
 from kiln.train.metrics import build_metrics
@@ -359,7 +358,7 @@ def build_parts(cfg: Config, model: nn.Module | None, data: DataBundle | None) -
             f"the train split has {len(data.train)} examples, fewer than one batch of "  # type: ignore[arg-type]
             f"{cfg.data.batch_size} with drop_last; lower data.batch_size"
         )
-    updates_per_epoch = math.ceil(len(sizes) / cfg.train.accumulate)
+    updates_per_epoch = updates_per_pass(len(sizes), cfg.train.accumulate)
     total_steps = cfg.train.max_steps or updates_per_epoch * cfg.train.epochs
     scheduler = build_scheduler(
         optimizer,

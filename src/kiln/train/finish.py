@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from kiln.config import Config
+from kiln.run import SUMMARY, WEIGHTS
 from kiln.train import build, distributed, snapshots
 from kiln.train.build import Parts
 from kiln.train.checkpoint.weights import save_weights
@@ -76,7 +77,7 @@ def finish(
         raise NonFiniteError(problem)
     if final is not None:  # rank 0: plain weights, evaluated without collectives
         info = parts.data.info
-        save_weights(final, run_dir / "model.safetensors", cfg, info)
+        save_weights(final, run_dir / WEIGHTS, cfg, info)
         metrics = build_metrics(info, device=engine.device, top_k=cfg.train.top_k)
         if parts.data.val is not None:
             full_val = build.loader_for(cfg, parts.data.val, train=False, device=engine.device)
@@ -97,7 +98,7 @@ def finish(
         }
         if hasattr(parts.loss_fn, "task_weights"):
             summary["task_weights"] = parts.loss_fn.task_weights()
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        (run_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
     result.val, result.test = distributed.broadcast_object((result.val, result.test))
     check_final_metrics(  # a NaN loss of the final weights: exit 2
         {"val": result.val, "test": result.test},

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.config import Config
-from kiln.run import CHECKPOINTS, read_summary, run_dir_of_checkpoint
+from kiln.run import CHECKPOINTS, read_summary, run_dir_of_checkpoint, write_run_files
 from kiln.train import build, distributed, resume_policy, snapshots
 from kiln.train.build import Parts
 from kiln.train.checkpoint import resolve_checkpoint
@@ -174,6 +174,6 @@ def open_run(
     if world.is_zero and opened.complete is None:
         where.mkdir(parents=True, exist_ok=True)
         if not resume_policy.record(where, plan, opened.state.step):
-            build.write_run_files(where, cfg, parts.data.info)  # a resume keeps config.yaml
+            write_run_files(where, cfg, parts.data.info)  # a resume keeps config.yaml
         distributed.mark_elastic_run(where)
     return opened
