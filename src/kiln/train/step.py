@@ -42,7 +42,6 @@ __all__ = [
     "StepResult",
     "epoch_schedule",
     "forward_backward",
-    "grads_finite",
     "mean_loss",
     "no_lap",
     "train_step",
@@ -132,7 +131,7 @@ def train_step(
         return None
     if guard:  # one host read: a NaN loss already makes fp32/bf16 gradients NaN
         loss = torch.stack(losses[start:]).sum() if engine.precision.kind == "fp16" else None
-        finite = grads_finite(engine, optimizer, loss)
+        finite = engine.grads_finite(optimizer, loss)
         lap("syncs")
         if not finite:
             return StepResult(False, i + 1, micro, x=x)
@@ -143,29 +142,6 @@ def train_step(
         tech.ema.update(engine.model)  # type: ignore[arg-type]
     lap("optimizer")
     return StepResult(True, i + 1, micro, norm, x)
-
-
-def grads_finite(engine: Any, optimizer: torch.optim.Optimizer, loss: Any = None) -> bool:
-    """``engine.grads_finite``, with a cheaper exact test for one process on the CPU.
-
-    A sum is NaN or infinite whenever one of its terms is (NaN propagates, inf + finite = inf,
-    inf - inf = NaN), so finite gradient sums prove every gradient finite. A sum that is not
-    finite (a NaN/Inf, or finite values overflowing) goes to the Engine's exact check. On the
-    CPU the sums cost less than the found-inf kernel (which rewrites every gradient) and their
-    host reads are free; on an accelerator each read would be a sync, so the Engine decides.
-    """
-    if loss is None and engine.world.size == 1 and engine.device.type == "cpu":
-        total = 0.0
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                g = p.grad
-                if g is not None:
-                    if type(g) is not torch.Tensor:  # a DTensor, a subclass: the exact check
-                        return engine.grads_finite(optimizer, loss)
-                    total += g.sum().item()
-        if total - total == 0.0:  # False for inf and NaN
-            return True
-    return engine.grads_finite(optimizer, loss)
 
 
 def forward_backward(
