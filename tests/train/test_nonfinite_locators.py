@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from kiln.inspect import NonFiniteGuard as InspectGuard
+from kiln.train.diagnosis import describe_nonfinite
 from kiln.train.guard import NonFiniteError
 from kiln.train.nonfinite import (
     INPUT,
@@ -68,3 +69,21 @@ def test_nonfinite_grads_names_parameters() -> None:
     net = nn.Linear(2, 1)
     net(torch.tensor([[float("inf"), 1.0]])).sum().backward()
     assert nonfinite_grads(net) == ["weight"]
+
+
+class NaNInItsOwnForward(nn.Module):
+    """The NaN comes from the model's own forward, not from a child module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * float("nan")
+
+
+def test_a_nan_from_the_models_own_forward_is_named_by_its_class() -> None:
+    # The locator reports the root as ""; the message must not say "module ''".
+    text = describe_nonfinite(NaNInItsOwnForward(), torch.ones(1, 2), [])
+    assert "first non-finite output in module 'NaNInItsOwnForward' (NaNInItsOwnForward)" in text
+    assert "''" not in text

@@ -47,7 +47,8 @@ def describe_nonfinite(model: nn.Module, x: Any, bad_grads: list[str]) -> str:
         if name == INPUT:
             found.insert(0, "the input batch itself holds NaN/Inf (check the data)")
         else:
-            found.insert(0, f"first non-finite output in module {name!r} ({cls})")
+            # "" is the model itself (its own forward, not a child): name it by its class.
+            found.insert(0, f"first non-finite output in module {name or cls!r} ({cls})")
     if bad_grads:
         shown = ", ".join(bad_grads[:3]) + (", ..." if len(bad_grads) > 3 else "")
         found.append(f"non-finite gradients in {len(bad_grads)} parameters ({shown})")
