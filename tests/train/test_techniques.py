@@ -13,6 +13,7 @@ from kiln.algorithms.ema import EMA
 from kiln.algorithms.mixing import mixup_batch, smooth_soft, soft_cross_entropy
 from kiln.config import Config
 from kiln.data.base import DataBundle
+from kiln.errors import UsageError
 from kiln.train import build
 from kiln.train.checkpoint import load_checkpoint, resolve_checkpoint
 from kiln.train.guard import NonFiniteError
@@ -144,6 +145,13 @@ def test_swa_final_model_is_the_mean_of_averaged_epochs(make_cfg) -> None:
         torch.testing.assert_close(saved[name], mean, rtol=1e-6, atol=1e-7)
     assert rec.lrs[2:] == [pytest.approx(0.0005)] * 2  # SWALR holds the SWA LR
     assert "swa average of 2 epochs" in (result.run_dir / "summary.json").read_text()
+
+
+def test_swa_cut_by_max_steps_before_it_starts_is_the_users_error(make_cfg) -> None:
+    # 2 epochs of batches < start_epoch=3: a KilnError (exit 2, one line), not "a bug in Kiln".
+    cfg = make_cfg("swa.enabled=true", "swa.start_epoch=3", "train.epochs=6", "train.max_steps=3")
+    with pytest.raises(UsageError, match=r"SWA averaged no epoch: training ended at train\.max_s"):
+        Trainer(cfg, verbose=False).fit()
 
 
 def test_swa_recomputes_batchnorm_statistics(make_cfg) -> None:

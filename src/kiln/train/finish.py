@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from kiln.config import Config
+from kiln.errors import UsageError
 from kiln.run import SUMMARY, WEIGHTS
 from kiln.train import build, distributed, snapshots
 from kiln.train.build import Parts
@@ -135,10 +136,12 @@ def swa_result(cfg: Config, parts: Parts) -> nn.Module:
     """The SWA average, with BatchNorm statistics recomputed over the training split."""
     swa = parts.tech.swa
     assert swa is not None
-    if swa.n_averaged == 0:
-        raise RuntimeError(
-            f"SWA averaged no epoch (training ended before swa.start_epoch={swa.start_epoch}); "
-            "lower swa.start_epoch"
+    if swa.n_averaged == 0:  # the user's settings, not a bug: the last checkpoint is saved
+        cut = f" at train.max_steps={cfg.train.max_steps}" if cfg.train.max_steps else ""
+        raise UsageError(
+            f"SWA averaged no epoch: training ended{cut} before swa.start_epoch="
+            f"{swa.start_epoch}; lower swa.start_epoch, or resume this run (resume=RUN) with a "
+            "larger train.max_steps to reach it"
         )
     loader = None
     if cfg.swa.update_bn:
