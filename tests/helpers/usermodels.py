@@ -29,6 +29,19 @@ class TinyNet(nn.Module):
         return self.fc(self.flatten(x)) * self.scale
 
 
+class OOMNet(TinyNet):
+    """TinyNet whose training forward fails like the CPU allocator above ``limit`` examples."""
+
+    def __init__(self, in_features: int, num_classes: int, limit: int = 16) -> None:
+        super().__init__(in_features, num_classes)
+        self.limit = limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and len(x) > self.limit:
+            torch.empty(2**62, dtype=torch.uint8)  # 4 EiB: the allocator refuses
+        return super().forward(x)
+
+
 class KwargsNet(nn.Module):
     """Takes ``**extra``: the registry must not check its kwargs nor inject into ``extra``."""
 

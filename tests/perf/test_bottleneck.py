@@ -44,6 +44,18 @@ def test_phases_cover_the_step_and_syncs_are_found(
     assert "CPU" in report.notes[-1]
 
 
+def test_auto_microbatch_splits_the_profiled_step_as_in_training(
+    make_cfg: Callable[..., Config], tmp_path: Path
+) -> None:
+    # The profiler runs the Trainer's train_step with the same AutoMicrobatch: a batch of 64
+    # that the allocator refuses above 16 examples is profiled as 4 micro-batches of 16.
+    cfg = make_cfg(
+        "model.target=usermodels:OOMNet", "model.kwargs={limit: 16}", "train.auto_microbatch=true"
+    )
+    report = find_bottleneck(cfg, steps=2, warmup=1, rows=3, out=tmp_path)
+    assert report.phases_ms["forward"] > 0 and len(report.step_ms_each) == 2
+
+
 def test_logging_and_checks_change_the_sync_count(make_cfg: Callable[..., Config]) -> None:
     # Logging every update reads the loss and the grad norm: 1 + 2 reads per update.
     logged = find_bottleneck(make_cfg("train.log_every=1"), steps=3, warmup=0)

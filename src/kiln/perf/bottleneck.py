@@ -244,8 +244,18 @@ class _Steps:
     cycling over epochs, with the Trainer's logging reads every ``train.log_every`` updates."""
 
     def __init__(self, parts: Any, cfg: Any) -> None:
+        from kiln.train.microbatch import AutoMicrobatch
+
         self.parts, self.cfg = parts, cfg
         self.epoch, self.step, self.micro = 0, 0, 1
+        # train.auto_microbatch: the same halving and replay on out-of-memory as in training.
+        accumulate = parts.engine.accumulate
+        auto = (
+            AutoMicrobatch(parts.per_rank_batch, accumulate=accumulate)
+            if cfg.auto_microbatch
+            else None
+        )
+        self.auto = auto
         self.batches = self._batches()
         self.losses: list[torch.Tensor] = []
 
@@ -277,6 +287,7 @@ class _Steps:
             guard=cfg.nonfinite != "ignore",
             grad_norm=log_now,
             schedule=schedule,
+            auto=self.auto,
             lap=lap,
         )
         assert result is not None  # the batches never run out

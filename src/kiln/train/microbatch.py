@@ -148,6 +148,6 @@ class AutoMicrobatch:
                 for i, x, y in self.group:
                     update = run(i, x, y, micro)
                 return micro, update
-            except RuntimeError as exc:
+            except (RuntimeError, MemoryError) as exc:
                 if not is_out_of_memory(exc):
                     raise

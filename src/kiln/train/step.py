@@ -116,7 +116,7 @@ def train_step(
             auto.add(i, x, y)
         try:  # forward -> loss -> backward
             update = forward_backward(parts, i, x, y, micro, losses, lap)
-        except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError too
+        except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
             if auto is None or not is_out_of_memory(exc):
                 raise
 
