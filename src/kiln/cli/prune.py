@@ -6,7 +6,7 @@ channel removal), fine-tunes it with the Trainer and the run's config after ever
 writes into ``RUN/pruned/`` (the next free ``RUN/pruned-N/`` if that exists, or ``--out``):
 
 * ``model.safetensors``: the pruned weights (plain keys) with the run's config and the layer
-  sizes in its metadata; load with ``kiln.compress.prune.core.load_pruned(folder)`` (an
+  sizes in its metadata; load with ``kiln.compress.prune.load_pruned(folder)`` (an
   unstructured result also loads with ``kiln.load_model(folder / "model.safetensors")``);
 * ``pruned.json``: what was done (sparsity per layer, widths, per-cycle accuracy);
 * ``report.json`` and the printed table: the fp32 original vs the pruned model, size, latency at
@@ -241,7 +241,7 @@ def run_prune(
         "zlib_bytes": zipped,
     }
     (folder / "report.json").write_text(json.dumps(report, indent=1))
-    print(f"\nsaved {saved} (load with kiln.compress.prune.core.load_pruned({str(folder)!r}))")
+    print(f"\nsaved {saved} (load with kiln.compress.prune.load_pruned({str(folder)!r}))")
     print(f"wrote {folder / 'report.json'}")
     return report
 

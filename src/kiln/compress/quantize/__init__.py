@@ -15,3 +15,8 @@ saved program that ``torch.export.load`` reads. It pays off for large layers onl
 int8 call costs tens of microseconds whatever its size, so a tiny MLP runs slower than in fp32
 (``docs/techniques/quantization-export.md`` has the numbers).
 """
+
+from kiln.compress.quantize.core import check_method, load_quantized, quantize, reload_max_abs_diff
+from kiln.compress.quantize.saved import save_quantized
+
+__all__ = ["check_method", "load_quantized", "quantize", "reload_max_abs_diff", "save_quantized"]

@@ -7,3 +7,7 @@
 * :mod:`kiln.deploy.serve.inputs`, :mod:`kiln.deploy.serve.validate`: request decoding and checks.
 * :mod:`kiln.deploy.serve.metrics`, :mod:`kiln.deploy.serve.log`: Prometheus text, access log.
 """
+
+from kiln.deploy.serve.server import ModelServer
+
+__all__ = ["ModelServer"]
