@@ -27,3 +27,20 @@ def test_consolidate_into_a_missing_folder(run_dir: Path, tmp_path: Path):
     line = _one_line_error(run_kiln("consolidate", str(run_dir), "--out", str(target)))
     assert str(target.parent) in line and "does not exist" in line
     assert not target.parent.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["serve", "RUN", "--port", "abc"], "kiln serve: Invalid value for '--port'"),
+        (["train", "configs/digits.yaml", "--bogus"], "kiln train: No such option: --bogus"),
+        (["nosuchverb"], "kiln: No such command 'nosuchverb'"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(args: list[str], says: str) -> None:
+    # typer draws a box around these; Kiln prints them like every other error.
+    out = run_kiln(*args, timeout=60)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert lines == [lines[0]] and lines[0].startswith(f"error: {says}"), out.stderr
+    assert "-h`" in lines[0] and "\u256d" not in out.stderr  # the fix, and no box

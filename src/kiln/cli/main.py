@@ -81,4 +81,25 @@ for _verb in _VERBS:
 
 
 def main() -> None:
-    app()
+    """Run the app; a usage error (unknown option, bad value) is one line and exit 2.
+
+    typer would draw a box around it; every other Kiln error is one ``error:`` line.
+    """
+    import sys
+
+    try:
+        code = app(standalone_mode=False, prog_name="kiln")
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(1)
+    except typer.TyperException as exc:  # click's usage errors (typer's vendored click)
+        exit_code = getattr(exc, "exit_code", 2)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `kiln` or `kiln VERB`: the help
+            exc.show()  # type: ignore[attr-defined]
+            sys.exit(exit_code)
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "kiln"
+        text = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        print(f"error: {where}: {text} (see `{where} -h`)", file=sys.stderr)
+        sys.exit(exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
