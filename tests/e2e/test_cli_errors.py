@@ -44,3 +44,12 @@ def test_usage_errors_are_one_line_and_exit_2(args: list[str], says: str) -> Non
     lines = out.stderr.strip().splitlines()
     assert lines == [lines[0]] and lines[0].startswith(f"error: {says}"), out.stderr
     assert "-h`" in lines[0] and "\u256d" not in out.stderr  # the fix, and no box
+
+
+def test_export_out_given_a_file_name_is_refused(tmp_path: Path) -> None:
+    # --out is a folder; "model.onnx" used to become a folder named model.onnx.
+    target = tmp_path / "model.onnx"
+    out = run_kiln("export", str(tmp_path / "run"), "--out", str(target), timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "--out names a folder" in out.stderr and f"--out {tmp_path / 'model'}" in out.stderr
+    assert not target.exists()

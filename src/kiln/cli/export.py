@@ -68,6 +68,20 @@ def _size(n: int) -> str:
     return f"{n / 1024**2:.1f} MiB"
 
 
+# A file name given to --out (a folder) would silently become a folder of that name.
+_FILE_SUFFIXES = (".onnx", ".pt", ".pt2", ".mar", ".ts", ".pth", ".safetensors", ".zip")
+
+
+def _check_out_folder(out: str | None) -> None:
+    if out is not None and Path(out).suffix.lower() in _FILE_SUFFIXES and not Path(out).is_dir():
+        from kiln.errors import UsageError
+
+        raise UsageError(
+            f"--out names a folder, got the file name {out!r}: the export writes its model file "
+            f"and manifest.json into it; use --out {Path(out).parent / Path(out).stem!s}"
+        )
+
+
 def run_export(
     runs: list[str], *, format: str, fuse: bool, out: str | None, trust_code: bool = False
 ) -> Path:
@@ -83,6 +97,7 @@ def run_export(
     """
     if format not in _FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(_FORMATS)}")
+    _check_out_folder(out)
     if format == "torchserve":
         return _run_torchserve(runs, fuse=fuse, out=out, trust_code=trust_code)
     from kiln.deploy.export import export_runs
