@@ -240,15 +240,25 @@ def test_array_loader_yields_the_dataloader_batches(drop_last: bool) -> None:
 
 
 class _EarlyStop:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int]] = []
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        self.seen.append(("start", epoch))
+
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict) -> None:
+        self.seen.append(("end", epoch))
+        assert metrics["epoch"] == epoch  # the README's numbering: epochs done
         if epoch == 1:
             trainer.request_stop("early stopping")
 
 
 def test_callback_stop_ends_the_run_normally(make_cfg) -> None:
-    trainer = Trainer(make_cfg("train.epochs=5"), callbacks=[_EarlyStop()], verbose=False)
+    stop = _EarlyStop()
+    trainer = Trainer(make_cfg("train.epochs=5"), callbacks=[stop], verbose=False)
     result = trainer.fit()
     assert trainer.epoch == 1
+    assert stop.seen == [("start", 0), ("end", 1)]  # 0-based index in, epochs done out
     assert result.steps == trainer.updates_per_epoch
     assert (result.run_dir / "model.safetensors").is_file() and result.test
 

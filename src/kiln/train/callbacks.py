@@ -20,12 +20,12 @@ from typing import Any
 
 EVENTS = (
     "on_fit_start",  # (trainer)                     after setup/resume, before the first batch
-    "on_epoch_start",  # (trainer, epoch)
+    "on_epoch_start",  # (trainer, epoch)             epoch: 0-based index of the epoch to run
     "on_update_end",  # (trainer, step)              after each optimizer update
     "on_log",  # (trainer, metrics)                  every train.log_every updates
     "on_validation_end",  # (trainer, metrics)       after each validation pass
     "on_checkpoint",  # (trainer, path)              after a checkpoint is written
-    "on_epoch_end",  # (trainer, epoch, metrics)
+    "on_epoch_end",  # (trainer, epoch, metrics)    epoch: epochs done (1 after the first)
     "on_fit_end",  # (trainer, result)               after the final save
     "on_exception",  # (trainer, exc)                on any error or interrupt, before re-raise
 )
