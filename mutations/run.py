@@ -39,7 +39,16 @@ from pathlib import Path
 import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
-COPIED = ["src", "tests", "configs", "data", "examples", "benchmarks", "pyproject.toml", ".importlinter"]
+COPIED = [
+    "src",
+    "tests",
+    "configs",
+    "data",
+    "examples",
+    "benchmarks",
+    "pyproject.toml",
+    ".importlinter",
+]
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "runs", ".pytest_cache", "*.egg-info")
 
 
