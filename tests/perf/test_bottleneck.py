@@ -29,10 +29,11 @@ def test_phases_cover_the_step_and_syncs_are_found(
     assert math.isclose(sum(report.shares.values()), 1.0, rel_tol=1e-6)
     assert len(report.step_ms_each) == 4 and min(report.step_ms_each) > 0
     assert report.dominant in PHASES and report.hint
-    # One host read per update: the Trainer's non-finite check (train.nonfinite=stop).
+    # One host read per update: the Trainer's non-finite check (train.nonfinite=stop), which
+    # reads the found-inf flag in kiln.train.found_inf (Engine.grads_finite).
     assert report.syncs_per_step == 1
     assert [s.where.split(" ")[0].rsplit(":", 1)[0] for s in report.sync_sites] == [
-        "kiln/train/engine.py"
+        "kiln/train/found_inf.py"
     ]
     assert report.sync_sites[0].what == "__bool__"
     assert report.device_syncs_per_step is None  # CPU
