@@ -65,6 +65,19 @@ class ConfigError(KilnError, ValueError):
     """A config value or key is wrong; the message says which, why and how to fix it."""
 
 
+# Weight-init schemes of model.init (kiln.models.init implements each).
+InitScheme = Literal[
+    "default",
+    "kaiming_normal",
+    "kaiming_uniform",
+    "xavier_normal",
+    "xavier_uniform",
+    "orthogonal",
+    "normal",
+    "zeros",
+]
+
+
 class ModelConfig(_Strict):
     """Which network to build: a registry name or a user class by import path.
 
@@ -75,16 +88,9 @@ class ModelConfig(_Strict):
     name: str = "mlp"
     target: str | None = Field(None, description="'pkg.module:Class' of a user nn.Module")
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    init: Literal[
-        "default",
-        "kaiming_normal",
-        "kaiming_uniform",
-        "xavier_normal",
-        "xavier_uniform",
-        "orthogonal",
-        "normal",
-        "zeros",
-    ] = Field("default", description="weight init of Linear/Conv layers; biases zero")
+    init: InitScheme = Field(
+        "default", description="weight init of Linear/Conv layers; biases zero"
+    )
     init_std: float = Field(0.02, gt=0.0, description="std of init=normal")
     zero_init_last: bool = Field(
         False, description="zero the last norm/linear of each residual branch (starts as identity)"

@@ -74,6 +74,7 @@ from torch.nn.parameter import UninitializedParameter
 from torch.nn.utils import parametrize
 
 from kiln.config import did_you_mean
+from kiln.config.schema import InitScheme
 from kiln.models.gpt import TransformerBlock
 
 __all__ = [
@@ -87,16 +88,7 @@ __all__ = [
     "zero_init_residual_branches",
 ]
 
-Scheme = Literal[
-    "default",
-    "kaiming_normal",
-    "kaiming_uniform",
-    "xavier_normal",
-    "xavier_uniform",
-    "orthogonal",
-    "normal",
-    "zeros",
-]
+Scheme = InitScheme  # the names model.init accepts: one list, in kiln.config.schema
 #: Every scheme :func:`init_weights` accepts (the same list as ``model.init`` in the config).
 SCHEMES: tuple[str, ...] = get_args(Scheme)
 
