@@ -124,18 +124,11 @@ def run_raw(model: Any, x: Any, y: Any, epochs: int, clock: Clock, loop: str) ->
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, **fused)
     model.train()
     step = 0
+    # raw: the guides' per-sample DataLoader; raw_gather/raw_fused: one index op per batch.
     if loop == "raw":
-        loader = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True)
-        for _ in range(epochs):
-            for xb, yb in loader:
-                loss = F.cross_entropy(model(xb), yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                clock.tick(step)
-        return
-    loader = GatherLoader(x, y)
+        loader: Any = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True)
+    else:
+        loader = GatherLoader(x, y)
     for _ in range(epochs):
         for xb, yb in loader:
             loss = F.cross_entropy(model(xb), yb)
